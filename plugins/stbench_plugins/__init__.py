@@ -1,0 +1,1 @@
+"""Built-in stbench plugins, written as a third party would write theirs."""

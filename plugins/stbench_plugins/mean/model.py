@@ -1,0 +1,23 @@
+"""The mean-expression baseline."""
+
+import numpy as np
+
+from stbench.method import FinetuneSettings, Method
+
+
+class MeanBaseline(Method):
+    def __init__(self, config):
+        self.config = config
+        self.mean_ = None
+
+    def fit(self, train, val, context):
+        slides = list(train) + (list(val) if self.config.include_val else [])
+        # spot-weighted mean over all training spots
+        self.mean_ = np.concatenate([s.expr for s in slides]).mean(axis=0).astype(np.float32)
+
+    def finetune(self, slide, settings: FinetuneSettings):
+        # "fine-tuning" a mean on prompt spots = the prompt spots' mean
+        self.mean_ = slide.prompt_expr.mean(axis=0).astype(np.float32)
+
+    def predict(self, slide):
+        return np.tile(self.mean_, (slide.n_spots, 1))

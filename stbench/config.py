@@ -1,0 +1,198 @@
+"""Run configuration: one dataclass of defaults, layered overrides, strict validation.
+
+Precedence, stated once (later wins):
+
+    RunConfig defaults < benchmark definition (benchmarks/<name>/benchmark.yaml)
+    < --config FILE < --set key=value (and the CLI shorthands --prompt-ratio, --seed, ...)
+
+Every layer is checked for unknown keys before it is merged, so an error names the layer it came from
+and suggests the closest key. Method hyperparameters live in each method's own config dataclass and are
+overridden under ``methods.<name>.<field>``; dataset options under ``dataset_options.<field>``; split
+parameters under ``split_params.<field>``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from stbench.errors import ConfigError
+
+DEFAULT_METRICS = [
+    "pcc", "ccc", "mae", "mse", "rvd", "rvd_triplex",
+    "pcc_pooled", "pcc@10_posthoc", "pcc@50_posthoc", "pcc@200_posthoc",
+    "pcc@10_train", "pcc@50_train", "pcc@200_train",
+]
+
+
+@dataclass
+class PromptConfig:
+    #: share of each test slide's spots whose expression is given to the methods, in (0, 1)
+    ratio: float = 0.1
+    #: a registered prompt strategy (stbench list prompts)
+    strategy: str = "random"
+
+
+@dataclass
+class PanelConfig:
+    #: a panel file (one symbol per line, or .npy), relative to the benchmark definition's folder
+    file: Optional[str] = None
+    #: instead: compute this many highly variable genes on each fold's training sections
+    hvg: Optional[int] = None
+
+
+@dataclass
+class FinetuneConfig:
+    #: fine-tune a copy of each fold's model on each test slide's prompt spots (METHODS.md §9.1)
+    enabled: bool = False
+    epochs: int = 5
+    #: None: each method's training learning rate
+    lr: Optional[float] = None
+
+
+@dataclass
+class RunConfig:
+    #: name and version of the benchmark definition this config came from
+    benchmark: str = "synthetic"
+    version: int = 1
+    description: str = ""
+    dataset: str = "synthetic"
+    dataset_options: dict = field(default_factory=dict)
+    #: the dataset's folder; None: $STBENCH_DATA/<folder> or the user cache
+    data_dir: Optional[str] = None
+    split: str = "leave_one_patient_out"
+    split_params: dict = field(default_factory=dict)
+    #: the level at which train and test must be independent: patient | section | spot
+    protocol_level: str = "patient"
+    panel: PanelConfig = field(default_factory=PanelConfig)
+    normalisation: str = "cpm_log1p"
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    metrics: list = field(default_factory=lambda: list(DEFAULT_METRICS))
+    seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    #: per-method hyperparameter overrides: {method: {field: value}}
+    methods: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------
+# reading layers
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    """A YAML mapping from ``path``; a one-line ConfigError for a missing or malformed file."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} {path} is not valid YAML{where}: {problem}; fix the file's syntax") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not a text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are read as YAML scalars."""
+    out: dict = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another --set for {part!r}")
+        node[parts[-1]] = value
+    return out
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge mappings (override wins); lists and scalars are replaced, not merged."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# validation against dataclasses
+
+
+def _did_you_mean(key: str, choices) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(choices))}"
+
+
+def check_keys(data: dict, cls: type, source: str, prefix: str = "") -> None:
+    """Raise ConfigError for keys of ``data`` that are not fields of dataclass ``cls`` (recursively)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{source}: unknown config key {prefix + str(key)!r}{_did_you_mean(str(key), fields)}")
+        sub = hints[key]
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            check_keys(value, sub, source, f"{prefix}{key}.")
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        return build(hint, value or {}, where)
+    expected = origin or hint
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, float, str, bool, list, dict):
+        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+            raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict, source: str = "config") -> Any:
+    """Instantiate dataclass ``cls`` from a mapping: unknown keys and wrong types are ConfigErrors."""
+    check_keys(data, cls, source)
+    hints = typing.get_type_hints(cls)
+    kwargs = {k: _coerce(v, hints[k], f"{source}: key {k!r}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.safe_dump(to_dict(data), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,179 @@
+"""Sections, slides and the dataset interface.
+
+A :class:`Section` is one tissue section as a dataset plugin reads it: raw counts over every measured
+gene, spot coordinates in two frames (integer array/grid coordinates and full-resolution image pixels)
+and the physical scale (microns per pixel). A :class:`Slide` is what a method sees: the same spots with
+expression restricted to the benchmark's gene panel and normalised.
+
+At test time a method gets a *masked* slide (:meth:`Slide.masked`): its ``expr`` is ``None`` and only the
+prompt spots' expression is visible, so no method can read the truth it is scored on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+
+def positions_um(obj) -> np.ndarray:
+    """Spot centres in µm of a section or slide: pixels × microns per pixel, or grid × spot pitch
+    when there is no image frame."""
+    if obj.mpp is not None:
+        return np.asarray(obj.pixel, dtype=np.float64) * obj.mpp
+    return np.asarray(obj.grid, dtype=np.float64) * obj.spot_pitch_um
+
+
+@dataclass(frozen=True)
+class SectionInfo:
+    """What a dataset knows about a section without parsing its counts."""
+
+    name: str
+    patient: str
+    has_image: bool = False
+
+
+@dataclass
+class Section:
+    """One tissue section, raw, as read from disk.
+
+    Attributes:
+        name: section id, unique within the dataset (``A1``).
+        patient: patient id; sections of one patient are never split between train and test.
+        spot_ids: (N,) spot identifiers (``"<x>x<y>"`` for legacy ST).
+        genes: (G_all,) gene symbols of ``counts``' columns.
+        counts: (N, G_all) raw UMI counts, a ``scipy.sparse.csr_matrix`` of integers.
+        grid: (N, 2) integer array coordinates (x = column, y = row).
+        pixel: (N, 2) spot centre (x, y) in full-resolution image pixels.
+        mpp: microns per full-resolution pixel, or ``None`` if the section has no image frame.
+        lattice: ``"square"`` (legacy ST) or ``"hex"`` (Visium).
+        spot_diameter_um: physical spot diameter.
+        spot_pitch_um: centre-to-centre distance of neighbouring spots.
+        image_path: the full-resolution H&E image, if there is one on disk.
+        image_loader: for generated data, a function returning the image as an (H, W, 3) uint8 array.
+    """
+
+    name: str
+    patient: str
+    spot_ids: np.ndarray
+    genes: np.ndarray
+    counts: "object"  # scipy.sparse.csr_matrix; typed loosely so this module imports without scipy
+    grid: np.ndarray
+    pixel: np.ndarray
+    mpp: Optional[float]
+    lattice: str = "square"
+    spot_diameter_um: float = 100.0
+    spot_pitch_um: float = 200.0
+    image_path: Optional[Path] = None
+    image_loader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.spot_ids)
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_path is not None or self.image_loader is not None
+
+    def positions_um(self) -> np.ndarray:
+        return positions_um(self)
+
+    def read_image(self) -> np.ndarray:
+        """The full-resolution image as an (H, W, 3) uint8 array."""
+        if self.image_loader is not None:
+            return self.image_loader()
+        if self.image_path is None:
+            raise ValueError(f"section {self.name} has no image")
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed PIL's decompression-bomb guard
+        with Image.open(self.image_path) as im:
+            return np.asarray(im.convert("RGB"))
+
+
+@dataclass
+class Slide:
+    """A section as a method sees it: panel genes, normalised expression, coordinates, image access.
+
+    ``expr`` is (N, G) float32 in the benchmark's normalisation (``ln(1 + CPM)`` by default). On a
+    masked slide (test time) ``expr`` is ``None``; ``prompt_idx`` holds the indices of the prompt spots
+    and ``prompt_expr`` their expression, in the same order.
+    """
+
+    name: str
+    patient: str
+    spot_ids: np.ndarray
+    genes: np.ndarray
+    expr: Optional[np.ndarray]
+    grid: np.ndarray
+    pixel: np.ndarray
+    mpp: Optional[float]
+    lattice: str = "square"
+    spot_diameter_um: float = 100.0
+    spot_pitch_um: float = 200.0
+    section: Optional[Section] = field(default=None, repr=False)
+    prompt_idx: Optional[np.ndarray] = None
+    prompt_expr: Optional[np.ndarray] = None
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.spot_ids)
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def has_image(self) -> bool:
+        return self.section is not None and self.section.has_image
+
+    @property
+    def is_masked(self) -> bool:
+        return self.expr is None
+
+    def positions_um(self) -> np.ndarray:
+        return positions_um(self)
+
+    def masked(self, prompt_idx: np.ndarray) -> "Slide":
+        """A copy that hides the truth except at ``prompt_idx`` (what a method gets at test time)."""
+        if self.expr is None:
+            raise ValueError(f"slide {self.name} is already masked")
+        prompt_idx = np.asarray(prompt_idx, dtype=np.int64)
+        return dataclasses.replace(
+            self, expr=None, prompt_idx=prompt_idx, prompt_expr=self.expr[prompt_idx].copy()
+        )
+
+    def prompt_mask(self) -> np.ndarray:
+        """Boolean (N,) flag of the prompt spots (all False when there are none)."""
+        mask = np.zeros(self.n_spots, dtype=bool)
+        if self.prompt_idx is not None:
+            mask[self.prompt_idx] = True
+        return mask
+
+
+class Dataset:
+    """The interface a dataset plugin implements.
+
+    A dataset lists its sections cheaply (:meth:`sections`) and parses one on demand
+    (:meth:`load_section`), raising :class:`stbench.errors.DataError` with a one-line message naming the
+    file, the field and the fix for malformed input. Parsing should be cached on disk by the plugin when
+    it is slow (see :mod:`stbench.data.cache`).
+    """
+
+    #: dataset name, as registered
+    name: str = ""
+    #: short description of where the data comes from
+    description: str = ""
+
+    def sections(self) -> list[SectionInfo]:
+        raise NotImplementedError
+
+    def load_section(self, name: str) -> Section:
+        raise NotImplementedError
+
+    def default_panel(self) -> Optional[list[str]]:
+        """The dataset's published gene panel, if it has one (else the benchmark computes one)."""
+        return None

@@ -1,0 +1,67 @@
+"""``stbench data check NAME``: a QC summary of a dataset, section by section."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from stbench import benchmark
+from stbench import config as cfg
+from stbench.data.expression import read_panel_file
+from stbench.specs import resolve
+
+
+def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
+    """The gene panel of the benchmark definition of this dataset, if any, for constant-gene counts."""
+    definition = benchmark.find(name)
+    if definition is not None:
+        conf = cfg.read_yaml(definition, "benchmark definition")
+        panel_file = (conf.get("panel") or {}).get("file")
+        if panel_file:
+            return read_panel_file(definition.parent / panel_file), f"panel {panel_file}"
+    genes = dataset.default_panel()
+    return (list(genes), "dataset panel") if genes is not None else (None, "no panel")
+
+
+def check_dataset(name: str, data_dir: Optional[str] = None) -> str:
+    from tabulate import tabulate
+
+    from stbench.plugins import get_plugins
+
+    spec = get_plugins().datasets.get(name, "stbench data check NAME")
+    options = spec.options() if spec.options else None
+    dataset = resolve(spec.factory)(Path(data_dir).expanduser() if data_dir else None, options)
+    panel, panel_name = _panel(name, dataset)
+    rows = []
+    totals = {"spots": 0, "zero": 0, "without_counts": 0}
+    for info in dataset.sections():
+        s = dataset.load_section(info.name)
+        library = np.asarray(s.counts.sum(axis=1)).ravel()
+        qc = getattr(dataset, "qc", {}).get(info.name, {})
+        without = qc.get("n_spotfile_rows_without_counts", 0)
+        constant = "-"
+        missing = "-"
+        if panel is not None:
+            index = {g: i for i, g in enumerate(s.genes)}
+            present = [index[g] for g in panel if g in index]
+            missing = str(len(panel) - len(present))
+            sub = s.counts[:, present].tocsc()
+            mins = sub.min(axis=0).toarray().ravel()
+            maxs = sub.max(axis=0).toarray().ravel()
+            constant = str(int((mins == maxs).sum()))
+        totals["spots"] += s.n_spots
+        totals["zero"] += int((library == 0).sum())
+        totals["without_counts"] += without
+        rows.append([
+            info.name, info.patient, s.n_spots, len(s.genes), "yes" if s.has_image else "no",
+            f"{s.mpp:.3f}" if s.mpp else "-", without, int((library == 0).sum()), constant, missing,
+        ])
+    headers = ["section", "patient", "spots", "genes", "image", "µm/px", "spot rows w/o counts",
+               "zero-count spots", f"constant genes ({panel_name})", "panel genes missing"]
+    n_patients = len({r[1] for r in rows})
+    summary = (f"dataset {name}: {len(rows)} sections, {n_patients} patients, {totals['spots']} spots, "
+               f"{sum(r[4] == 'yes' for r in rows)} with images, {totals['zero']} zero-count spots, "
+               f"{totals['without_counts']} spot-file rows without counts")
+    return tabulate(rows, headers=headers, tablefmt="simple") + "\n\n" + summary

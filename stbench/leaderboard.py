@@ -1,0 +1,147 @@
+"""Leaderboard tables generated from run directories (never edited by hand).
+
+Aggregation, stated in every table's header: a slide-level metric is averaged over the test slides of a
+fold (unweighted; slides where it is undefined are left out of that mean), then reported as mean ±
+sample standard deviation (ddof = 1) over folds. Fold-level metrics (pooled PCC, PCC@k) are mean ± std
+over folds directly. Post hoc metrics (genes chosen by their test score) are kept off by default.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from stbench.errors import ConfigError
+
+#: the columns of a leaderboard by default: (column in the results, header label)
+DEFAULT_COLUMNS = [
+    ("pcc", "PCC"),
+    ("pcc_all", "PCC (all spots)"),
+    ("ccc", "CCC"),
+    ("mae", "MAE"),
+    ("mse", "MSE"),
+    ("rvd", "RVD"),
+    ("pcc_pooled", "PCC pooled"),
+    ("pcc@50_train", "PCC@50 (train-chosen)"),
+]
+FORMATS = ("md", "csv", "latex", "html")
+
+
+def _read_run(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    needed = ["results.csv", "fold_results.csv", "run.json"]
+    missing = [n for n in needed if not (run_dir / n).exists()]
+    if missing:
+        raise ConfigError(f"{run_dir} is not a finished stbench run directory (missing {', '.join(missing)}); pass the --out folder of a run")
+    versions = json.loads((run_dir / "versions.json").read_text()) if (run_dir / "versions.json").exists() else {}
+    return {
+        "dir": run_dir,
+        "results": pd.read_csv(run_dir / "results.csv"),
+        "folds": pd.read_csv(run_dir / "fold_results.csv"),
+        "run": json.loads((run_dir / "run.json").read_text()),
+        "versions": versions,
+    }
+
+
+def _higher_is_better(plugins, column: str) -> Optional[bool]:
+    base = column[:-4] if column.endswith("_all") else column
+    if base in plugins.metrics:
+        return plugins.metrics.get(base).higher_is_better
+    return None
+
+
+def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
+    """Mean and std over folds per method and metric; returns (table of numbers, protocol)."""
+    runs = [_read_run(d) for d in run_dirs]
+    protocol = runs[0]["run"]["protocol"]
+    for other in runs[1:]:
+        if other["run"]["protocol"] != protocol:
+            raise ConfigError(f"runs {runs[0]['dir']} and {other['dir']} used different protocols; a leaderboard compares one protocol")
+    columns = columns or DEFAULT_COLUMNS
+    rows = []
+    seen: set[str] = set()
+    for run in runs:
+        res, folds = run["results"], run["folds"]
+        for method in list(dict.fromkeys(res["method"])):
+            if method in seen:
+                raise ConfigError(f"method {method} appears in more than one run directory")
+            seen.add(method)
+            per_fold = res[res["method"] == method].groupby("fold").mean(numeric_only=True)
+            fold_level = folds[folds["method"] == method].set_index("fold")
+            row = {"method": method, "folds": len(per_fold), "slides": int((res["method"] == method).sum())}
+            for col, _ in columns:
+                source = per_fold if col in per_fold else fold_level if col in fold_level else None
+                values = source[col].to_numpy(dtype=float) if source is not None else np.array([])
+                values = values[~np.isnan(values)]
+                row[f"{col}:mean"] = float(values.mean()) if values.size else math.nan
+                row[f"{col}:std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
+            if "pcc_skipped" in per_fold:
+                row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
+            rows.append(row)
+    meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs]}
+    return pd.DataFrame(rows), meta
+
+
+def header_line(meta: dict) -> str:
+    p = meta["protocol"]
+    v = meta["versions"]
+    panel = p.get("panel", {})
+    panel_text = (f"panel {panel.get('file')}" if panel.get("file") else
+                  f"panel {panel.get('hvg')} HVGs per fold (training sections)" if panel.get("hvg") else "dataset panel")
+    prompt = p.get("prompt", {})
+    finetune = " fine-tuned on prompts" if p.get("finetune", {}).get("enabled") else ""
+    date = _dt.date.today().isoformat()
+    return (
+        f"stbench leaderboard: benchmark {p.get('benchmark')} v{p.get('version')}, dataset {p.get('dataset')}, "
+        f"split {p.get('split')} (protocol level {p.get('protocol_level')}), {panel_text}, "
+        f"normalisation {p.get('normalisation')}, prompts {prompt.get('ratio')} {prompt.get('strategy')} "
+        f"(seed {p.get('seed')}){finetune}; metrics on non-prompt spots unless marked 'all spots'; "
+        f"mean ± sample std over folds of the per-fold mean over test slides. "
+        f"Generated {date} with stbench {v.get('stbench')} (git {str(v.get('stbench_git'))[:10]}), "
+        f"numpy {v.get('numpy')}, python {v.get('python')}."
+    )
+
+
+def _cell(mean: float, std: float, digits: int = 3) -> str:
+    if math.isnan(mean):
+        return "undefined"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=None) -> str:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown leaderboard format {fmt!r} (option --format); choose one of {', '.join(FORMATS)}")
+    columns = [c for c in (columns or DEFAULT_COLUMNS) if f"{c[0]}:mean" in table]
+    header = header_line(meta)
+    if fmt == "csv":
+        out = table.copy()
+        return f"# {header}\n" + out.to_csv(index=False, float_format="%.6g")
+    from tabulate import tabulate
+
+    labels = ["method", "folds"]
+    for col, label in columns:
+        hib = _higher_is_better(plugins, col)
+        labels.append(label + ("" if hib is None else " ↑" if hib else " ↓"))
+    labels.append("genes skipped (PCC, per slide)")
+    body = []
+    for _, row in table.iterrows():
+        cells = [row["method"], int(row["folds"])]
+        cells += [_cell(row[f"{c}:mean"], row[f"{c}:std"]) for c, _ in columns]
+        cells.append(f"{row.get('pcc_skipped', math.nan):.2f}")
+        body.append(cells)
+    if fmt == "md":
+        return f"{header}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n"
+    if fmt == "html":
+        import html
+
+        return f"<p>{html.escape(header)}</p>\n" + tabulate(body, headers=labels, tablefmt="html", disable_numparse=True) + "\n"
+    latex_body = [[str(c).replace("±", r"$\pm$").replace("_", r"\_") for c in r] for r in body]
+    latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("@", r"@").replace("_", r"\_")
+                    for lbl in labels]
+    return f"% {header}\n" + tabulate(latex_body, headers=latex_labels, tablefmt="latex_raw", disable_numparse=True) + "\n"

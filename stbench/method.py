@@ -1,0 +1,74 @@
+"""The contract every method plugin implements.
+
+A method is built from its config dataclass (``MethodSpec.factory(config)``), then for each fold:
+
+1. :meth:`Method.fit` on the fold's training slides, with the inner validation slides (taken from
+   training patients) for model selection;
+2. for each test slide, optionally :meth:`Method.finetune` on a *copy* of the fitted method with the
+   slide's prompt spots (METHODS.md §9.1; the harness makes the copy, so the fold's model is untouched);
+3. :meth:`Method.predict` on the masked test slide: ``slide.expr`` is ``None``; ``slide.prompt_idx`` and
+   ``slide.prompt_expr`` hold the prompt spots' measured expression. It returns an (N, G) array for
+   every spot of the slide; prompt spots are scored only in the ``*_all`` columns.
+
+What a method needs beyond expression (coordinates, image features, whole-slide context) is declared in
+``MethodSpec.needs``; the harness prepares only that and hands it over through :class:`FitContext`.
+Slide-level models (PHG2ST) receive whole slides in both calls; spot-level models iterate over spots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from stbench.data.model import Slide
+
+
+@dataclass
+class FitContext:
+    """What the harness tells a method about the fold it is fitting."""
+
+    seed: int
+    genes: np.ndarray
+    fold: int = 0
+    #: a directory the method may write checkpoints to (inside the run directory)
+    workdir: Optional[Path] = None
+    #: the run's prompt settings, for methods that simulate prompts while training (PHG2ST)
+    prompt_ratio: float = 0.1
+    prompt_strategy: str = "random"
+    #: resources prepared for the method's declared needs (e.g. an image-feature provider)
+    resources: dict = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneSettings:
+    """The prompt fine-tuning protocol's settings (METHODS.md §9.1)."""
+
+    epochs: int = 5
+    #: learning rate; None means "the method's training learning rate"
+    lr: Optional[float] = None
+    seed: int = 0
+
+
+class Method:
+    """Base class of methods. Subclasses implement :meth:`fit` and :meth:`predict`."""
+
+    def fit(self, train: list[Slide], val: list[Slide], context: FitContext) -> None:
+        raise NotImplementedError
+
+    def predict(self, slide: Slide) -> np.ndarray:
+        raise NotImplementedError
+
+    def finetune(self, slide: Slide, settings: FinetuneSettings) -> None:
+        """Adapt in place to a masked test slide's prompt spots. The harness calls it on a copy."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement fine-tuning on prompt spots")
+
+    @classmethod
+    def supports_finetune(cls) -> bool:
+        return cls.finetune is not Method.finetune
+
+    # Optional: a method may describe itself for the run record (e.g. chosen hyperparameters).
+    def summary(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,352 @@
+"""The run loop: resolve a config into a plan, then fit, predict and score every method on every fold.
+
+The core never branches on a method's name: what differs between methods is declared in their
+:class:`~stbench.specs.MethodSpec` (needs, fine-tuning) and their config dataclass.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import platform
+import random
+import subprocess
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+import stbench
+from stbench import atomic
+from stbench import config as cfg
+from stbench.data.expression import UNITS, highly_variable_genes, make_slide, read_panel_file
+from stbench.data.model import Section, SectionInfo, Slide
+from stbench.errors import ConfigError, DataError
+from stbench.method import FinetuneSettings, FitContext, Method
+from stbench.metrics import MetricValue
+from stbench.plugins import Plugins
+from stbench.prompts import n_prompts, select_prompts
+from stbench.results import RunDir, write_prediction
+from stbench.specs import resolve
+from stbench.splits import Fold, check_folds
+
+#: needs that can only be met on sections that have an image
+IMAGE_NEEDS = {"image", "image_features", "neighbour_features"}
+
+
+@dataclass
+class Plan:
+    """Everything a run needs, resolved and validated before any work starts."""
+
+    config: cfg.RunConfig
+    methods: dict[str, Any]  # name -> resolved method config dataclass instance
+    out_dir: Path
+    base_dir: Optional[Path]  # the benchmark definition's folder (for relative panel files)
+    plugins: Plugins
+    dataset: Any = None
+    sections: list[SectionInfo] = field(default_factory=list)
+    folds: list[Fold] = field(default_factory=list)
+
+
+def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, plugins: Plugins,
+                 base_dir: Optional[Path] = None) -> Plan:
+    """Validate names and options, open the dataset and make the folds (no heavy work yet)."""
+    if not method_names:
+        raise ConfigError("no methods given; pass --methods NAME[,NAME...] (see 'stbench list methods')")
+    methods = {}
+    for name in method_names:
+        spec = plugins.methods.get(name, "option --methods")
+        methods[name] = cfg.build(spec.config, config.methods.get(name, {}) or {}, f"methods.{name}")
+    for name in config.methods:
+        plugins.methods.get(name, "config key methods")
+    for name in config.metrics:
+        plugins.metrics.get(name, "config key metrics")
+    plugins.prompts.get(config.prompt.strategy, "option --prompt-strategy / key prompt.strategy")
+    n_prompts(100, config.prompt.ratio)  # validates the ratio with the one shared message
+    if config.panel.file and config.panel.hvg:
+        raise ConfigError("panel: give either file or hvg, not both")
+
+    dspec = plugins.datasets.get(config.dataset, "option --dataset")
+    options = cfg.build(dspec.options, config.dataset_options, "dataset_options") if dspec.options else None
+    if config.dataset_options and not dspec.options:
+        raise ConfigError(f"dataset {config.dataset} takes no dataset_options")
+    data_dir = Path(config.data_dir).expanduser() if config.data_dir else None
+    dataset = resolve(dspec.factory)(data_dir, options)
+
+    sections = list(dataset.sections())
+    if any(IMAGE_NEEDS & set(plugins.methods.get(m).needs) for m in methods):
+        imaged = [s for s in sections if s.has_image]
+        if not imaged:
+            raise DataError(f"the methods {', '.join(methods)} need images, and no section of dataset {config.dataset} has one")
+        if len(imaged) < len(sections):
+            warnings.warn(f"methods that need images run on the {len(imaged)} of {len(sections)} sections that have one", stacklevel=2)
+        sections = imaged
+
+    sspec = plugins.splits.get(config.split, "key split")
+    params = cfg.build(sspec.params, config.split_params, "split_params") if sspec.params else None
+    kwargs = vars(params) if params is not None else {}
+    folds = resolve(sspec.func)(sections, config.seed, **kwargs)
+    check_folds(folds, sections, config.protocol_level, config.split)
+    return Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
+
+
+# ------------------------------------------------------------------------------------------------
+# provenance
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform(), "stbench": stbench.__version__}
+    for pkg in ("numpy", "scipy", "pandas", "anndata", "pluggy", "torch", "timm", "peft", "torch-geometric"):
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = None
+    try:
+        root = Path(stbench.__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        out["stbench_git"] = rev.stdout.strip() if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        out["stbench_git"] = None
+    return out
+
+
+def _protocol(config: cfg.RunConfig) -> dict:
+    out = cfg.to_dict(config)
+    out.pop("methods")
+    out.pop("data_dir")  # the same data may live elsewhere on a resumed run
+    return out
+
+
+def _check_resumable(run: RunDir, plan: Plan) -> None:
+    """A run directory holds one protocol; a rerun with another protocol would mix results."""
+    old = run.read_json("run.json")
+    if old is None:
+        return
+    new = _protocol(plan.config)
+    if old.get("protocol") != new:
+        diff = [k for k in new if old.get("protocol", {}).get(k) != new[k]]
+        raise ConfigError(
+            f"output directory {plan.out_dir} holds a run with another protocol (differs in: "
+            f"{', '.join(diff) or 'format'}); use a new --out, or the same settings to resume"
+        )
+    for name, mconf in plan.methods.items():
+        done = old.get("methods", {}).get(name)
+        if done is not None and done != cfg.to_dict(mconf):
+            raise ConfigError(
+                f"output directory {plan.out_dir} holds results of method {name} with other hyperparameters "
+                f"({done} vs {cfg.to_dict(mconf)}); use a new --out"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# data preparation
+
+
+class SlideStore:
+    """Loads each section once and makes slides for a gene panel (which may differ per fold for HVGs)."""
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self._sections: dict[str, Section] = {}
+        self._slides: dict[tuple, Slide] = {}
+        self._fixed_panel: Optional[list[str]] = None
+
+    def section(self, name: str) -> Section:
+        if name not in self._sections:
+            self._sections[name] = self.plan.dataset.load_section(name)
+        return self._sections[name]
+
+    def panel(self, fold: Fold) -> list[str]:
+        pconf = self.plan.config.panel
+        if pconf.hvg:
+            return highly_variable_genes([self.section(s) for s in fold.train + fold.val], int(pconf.hvg))
+        if self._fixed_panel is None:
+            if pconf.file:
+                path = Path(pconf.file)
+                if not path.is_absolute() and self.plan.base_dir is not None:
+                    path = self.plan.base_dir / path
+                genes, source = read_panel_file(path), f"gene panel file {path}"
+            else:
+                genes, source = self.plan.dataset.default_panel(), f"dataset {self.plan.config.dataset}'s panel"
+                if genes is None:
+                    raise ConfigError(f"dataset {self.plan.config.dataset} has no default gene panel; set panel.file or panel.hvg")
+            self._check_panel(genes, source)
+            self._fixed_panel = list(genes)
+        return self._fixed_panel
+
+    def _check_panel(self, genes: list[str], source: str) -> None:
+        for info in self.plan.sections:
+            present = set(self.section(info.name).genes)
+            missing = [g for g in genes if g not in present]
+            if missing:
+                raise DataError(
+                    f"{source} names {len(missing)} gene(s) absent from section {info.name} "
+                    f"(e.g. {', '.join(missing[:5])}); remove them from the panel or use panel.hvg"
+                )
+
+    def slide(self, name: str, genes: list[str]) -> Slide:
+        key = (name, hashlib.sha1("\n".join(genes).encode()).hexdigest())
+        if key not in self._slides:
+            self._slides[key] = make_slide(self.section(name), genes, self.plan.config.normalisation)
+        return self._slides[key]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:  # only if a method imported it; the core does not need torch
+        sys.modules["torch"].manual_seed(seed)
+
+
+@dataclass
+class FoldContext:
+    """What fold-level metrics may use: the gene order by training mean (chosen without test data)."""
+
+    train_gene_order: Optional[np.ndarray] = None
+
+
+def _metric_columns(prefix: str, value: MetricValue) -> dict:
+    out = {prefix: value.value, f"{prefix}_skipped": value.n_skipped}
+    if value.n_pred_constant:
+        out[f"{prefix}_pred_constant"] = value.n_pred_constant
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class RunOutcome:
+    out_dir: Path
+    results: Any
+    fold_results: Any
+    units_run: int
+    units_skipped: int
+
+
+def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_bar: bool = True) -> RunOutcome:
+    config = plan.config
+    run = RunDir(plan.out_dir)
+    _check_resumable(run, plan)
+    patient_of = {s.name: s.patient for s in plan.sections}
+
+    # provenance first, so even a run that dies later says what it was
+    old = run.read_json("run.json") or {}
+    method_configs = dict(old.get("methods", {}))
+    method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
+    run.write_json("run.json", {"protocol": _protocol(config), "methods": method_configs})
+    full = cfg.to_dict(config)
+    full["methods"] = method_configs
+    atomic.write_text(plan.out_dir / "config.yaml", cfg.dump_yaml(full))
+    run.write_json("split.json", {
+        "split": config.split, "protocol_level": config.protocol_level, "seed": config.seed,
+        "folds": [f.to_dict(patient_of) for f in plan.folds],
+    })
+    run.write_json("versions.json", {**versions(), "seed": config.seed,
+                                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                     "plugins": {i.name: i.package for i in plan.plugins.infos.values()}})
+
+    store = SlideStore(plan)
+    test_names = sorted({s for f in plan.folds for s in f.test})
+    unique_test = sum(len(f.test) for f in plan.folds) == len(test_names)
+    strategy = plan.plugins.prompts.get(config.prompt.strategy).func
+    prompts: dict[str, np.ndarray] = {}
+    for name in test_names:
+        positions = store.section(name).positions_um()
+        prompts[name] = select_prompts(strategy, positions, config.prompt.ratio, name, config.seed)
+    run.write_json("prompts.json", {
+        "strategy": config.prompt.strategy, "ratio": config.prompt.ratio, "seed": config.seed,
+        "slides": {n: [str(store.section(n).spot_ids[i]) for i in idx] for n, idx in prompts.items()},
+    })
+
+    metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
+    units = [(m, f) for m in plan.methods for f in plan.folds]
+    todo = [(m, f) for m, f in units if not run.is_done(m, f.index)]
+    bar = None
+    if show_bar and todo:
+        from tqdm import tqdm
+
+        # a live bar on a terminal; one line per unit in logs (CI, nohup), where \r-redraws are noise
+        bar = tqdm(total=len(todo), desc="stbench", unit="fold", file=sys.stderr, leave=False,
+                   disable=not sys.stderr.isatty())
+        if bar.disable and progress is None:
+            progress = lambda msg: print(f"stbench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    for method_name, fold in todo:
+        if bar is not None:
+            bar.set_postfix_str(f"{method_name} fold {fold.index + 1}/{len(plan.folds)}")
+        if progress:
+            progress(f"{method_name}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})")
+        slide_rows, fold_row = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test)
+        run.write_unit(method_name, fold.index, slide_rows, fold_row)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    results, fold_results = run.merge()
+    return RunOutcome(plan.out_dir, results, fold_results, len(todo), len(units) - len(todo))
+
+
+def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold: Fold, prompts, metric_specs,
+              unique_test: bool):
+    config = plan.config
+    spec = plan.plugins.methods.get(method_name)
+    genes = store.panel(fold)
+    train = [store.slide(s, genes) for s in fold.train]
+    val = [store.slide(s, genes) for s in fold.val]
+    tests = [store.slide(s, genes) for s in fold.test]
+    _seed_everything(config.seed)
+    method: Method = resolve(spec.factory)(copy.deepcopy(plan.methods[method_name]))
+    workdir = plan.out_dir / "work" / method_name / f"fold{fold.index}"
+    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, workdir=workdir,
+                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy)
+    method.fit(train, val, context)
+    finetune = config.finetune.enabled and spec.finetune and type(method).supports_finetune()
+    settings = FinetuneSettings(epochs=config.finetune.epochs, lr=config.finetune.lr, seed=config.seed)
+
+    slide_rows, preds_np, truths_np, preds_all, truths_all = [], [], [], [], []
+    slide_metrics = [m for m in metric_specs if m.level == "slide"]
+    for slide in tests:
+        idx = prompts[slide.name]
+        masked = slide.masked(idx)
+        model = method
+        if finetune:
+            model = copy.deepcopy(method)  # the fold's model stays untouched for the next slide
+            _seed_everything(config.seed)
+            model.finetune(masked, settings)
+        pred = np.asarray(model.predict(masked))
+        if pred.shape != slide.expr.shape:
+            raise RuntimeError(f"method {method_name} predicted shape {pred.shape} for slide {slide.name}, expected {slide.expr.shape}")
+        if not np.isfinite(pred).all():
+            raise RuntimeError(f"method {method_name} predicted NaN or infinite values for slide {slide.name}")
+        is_prompt = masked.prompt_mask()
+        scored = ~is_prompt
+        row = {"method": method_name, "fold": fold.index, "slide": slide.name, "patient": slide.patient,
+               "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
+               "finetuned": bool(finetune)}
+        for m in slide_metrics:
+            func = resolve(m.func)
+            row.update(_metric_columns(m.name, func(pred[scored], slide.expr[scored])))
+        for m in slide_metrics:
+            row.update(_metric_columns(f"{m.name}_all", resolve(m.func)(pred, slide.expr)))
+        slide_rows.append(row)
+        preds_np.append(pred[scored]); truths_np.append(slide.expr[scored])
+        preds_all.append(pred); truths_all.append(slide.expr)
+        write_prediction(run.prediction(method_name, slide.name, fold.index, unique_test), slide, pred, is_prompt,
+                         fold.index, method_name, UNITS[config.normalisation])
+
+    train_mean = np.concatenate([s.expr for s in train]).mean(axis=0)
+    fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
+    fold_row = {"method": method_name, "fold": fold.index, "test_slides": ",".join(fold.test),
+                "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes)}
+    for m in (m for m in metric_specs if m.level == "fold"):
+        func = resolve(m.func)
+        fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx)))
+        fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx)))
+    return slide_rows, fold_row

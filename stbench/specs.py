@@ -1,0 +1,148 @@
+"""What a plugin registers: one small frozen dataclass per kind of item.
+
+Factories may be given as a callable or as a lazy ``"package.module:attribute"`` string, so that a plugin's
+``__init__`` stays light (no torch import) and ``stbench list`` stays fast; :func:`resolve` imports them
+when the item is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+Factory = Union[str, Callable[..., Any]]
+
+#: What a method may ask the harness to prepare. ``expression`` is always provided.
+NEEDS = {
+    "expression": "normalised panel expression of training slides and of test prompt spots",
+    "coords": "spot grid and pixel coordinates",
+    "image": "the section's full-resolution image (methods that cut their own patches)",
+    "image_features": "frozen encoder features of each spot patch",
+    "neighbour_features": "frozen encoder features of each spot's 5x5 neighbour grid, with an in-image mask",
+    "slide_context": "the whole slide at once (slide-level models)",
+}
+
+
+def resolve(factory: Factory) -> Callable[..., Any]:
+    """Import a lazy ``"module:attr"`` factory; return callables unchanged."""
+    if callable(factory):
+        return factory
+    module_name, _, attr = factory.partition(":")
+    obj = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method or baseline.
+
+    Attributes:
+        name: registry name used on the command line (``--methods NAME``).
+        factory: ``factory(config) -> stbench.method.Method``; ``config`` is an instance of ``config``.
+        config: a dataclass type whose field defaults are the method's hyperparameters (the one source
+            of its defaults); ``--set methods.NAME.FIELD=VALUE`` overrides them.
+        needs: what the harness must prepare, a subset of :data:`NEEDS`.
+        finetune: whether the harness's prompt fine-tuning protocol (METHODS.md §9.1) applies when it is
+            switched on; retrieval methods such as BLEEP declare ``False``.
+        description: one line for ``stbench list``.
+        reference: paper, venue, year and DOI/arXiv id.
+    """
+
+    name: str
+    factory: Factory
+    config: type
+    needs: frozenset = frozenset({"expression"})
+    finetune: bool = True
+    description: str = ""
+    reference: str = ""
+
+    def __post_init__(self):
+        unknown = set(self.needs) - set(NEEDS)
+        if unknown:
+            raise ValueError(f"method {self.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset.
+
+    Attributes:
+        factory: ``factory(data_dir, options) -> stbench.data.Dataset``; ``data_dir`` is ``None`` when
+            the user gave none (the plugin then looks at its environment variable and cache directory).
+        options: a dataclass type of dataset options (``--set dataset_options.FIELD=VALUE``), or None.
+        needs_data_dir: False for datasets generated in code.
+        data_env: the environment variable that points at the data, for the error message.
+    """
+
+    name: str
+    factory: Factory
+    options: Optional[type] = None
+    needs_data_dir: bool = True
+    description: str = ""
+    reference: str = ""
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """A split protocol.
+
+    Attributes:
+        func: ``func(sections, seed, **params) -> list[stbench.splits.Fold]``.
+        unit: what the protocol holds out: ``"patient"`` (patients never cross train and test),
+            ``"section"`` or ``"slide-random"`` (may put one patient's sections on both sides; the harness
+            refuses those unless the benchmark declares a section-level protocol).
+        params: a dataclass type of the protocol's parameters, or None.
+    """
+
+    name: str
+    func: Factory
+    unit: str = "patient"
+    params: Optional[type] = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A metric.
+
+    Attributes:
+        func: for ``level="slide"``, ``func(pred, truth) -> MetricValue`` on one slide's scored spots;
+            for ``level="fold"``, ``func(preds, truths, context) -> MetricValue`` over all test slides of
+            a fold (pooled metrics, PCC@k).
+        higher_is_better: drives the ↑/↓ markers of leaderboards.
+        aggregation: how the number is aggregated, in words, for tables and docs.
+    """
+
+    name: str
+    func: Factory
+    higher_is_better: bool
+    aggregation: str
+    level: str = "slide"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """A prompt selection strategy.
+
+    Attributes:
+        func: ``func(coords, n, rng) -> np.ndarray`` of ``n`` distinct spot indices, where ``coords`` is
+            an (N, 2) float array of spot positions and ``rng`` a ``numpy.random.Generator``.
+    """
+
+    name: str
+    func: Factory
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """An image encoder (patch → feature vector); filled in by image plugins."""
+
+    name: str
+    factory: Factory
+    description: str = ""
+    extra: dict = field(default_factory=dict)

@@ -1,0 +1,188 @@
+"""Split protocols: which sections train, validate and test in each fold.
+
+Every protocol is seeded and returns :class:`Fold` objects naming sections. Validation sections always
+come from the training side (inner validation): never from the test patients. :func:`check_folds`
+refuses a split in which one patient is on both the training and the test side, unless the benchmark
+declares a section- or spot-level protocol.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from stbench.data.model import SectionInfo
+from stbench.errors import ConfigError
+from stbench.specs import SplitSpec
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+    test: tuple[str, ...]
+    name: str = ""
+
+    def to_dict(self, patient_of: dict[str, str]) -> dict:
+        out = asdict(self)
+        for side in ("train", "val", "test"):
+            out[side] = list(getattr(self, side))
+            out[f"{side}_patients"] = sorted({patient_of[s] for s in getattr(self, side)})
+        return out
+
+
+def _patients(sections: Sequence[SectionInfo]) -> dict[str, list[str]]:
+    by_patient: dict[str, list[str]] = {}
+    for s in sections:
+        by_patient.setdefault(s.patient, []).append(s.name)
+    return {p: sorted(v) for p, v in sorted(by_patient.items())}
+
+
+def _pick_val_patient(train_patients: list[str], rng: np.random.Generator) -> list[str]:
+    # One training patient validates (inner validation); none if only one training patient is left.
+    if len(train_patients) < 2:
+        return []
+    return [train_patients[int(rng.integers(len(train_patients)))]]
+
+
+@dataclass
+class PatientParams:
+    #: hold out one training patient as the validation set (False: validate on nothing)
+    inner_val: bool = True
+
+
+@dataclass
+class KFoldParams(PatientParams):
+    k: int = 5
+
+
+@dataclass
+class SectionParams:
+    inner_val: bool = True
+
+
+@dataclass
+class RandomSlideParams:
+    n_splits: int = 5
+    test_fraction: float = 0.1
+    val_fraction: float = 0.1
+
+
+def _patient_folds(groups: list[list[str]], by_patient, seed, inner_val) -> list[Fold]:
+    rng = np.random.default_rng(seed)
+    folds = []
+    for i, test_patients in enumerate(groups):
+        train_patients = [p for p in by_patient if p not in test_patients]
+        val_patients = _pick_val_patient(train_patients, rng) if inner_val else []
+        sections_of = lambda ps: tuple(s for p in ps for s in by_patient[p])  # noqa: E731
+        folds.append(
+            Fold(
+                index=i,
+                name="test=" + ",".join(test_patients),
+                train=sections_of([p for p in train_patients if p not in val_patients]),
+                val=sections_of(val_patients),
+                test=sections_of(test_patients),
+            )
+        )
+    return folds
+
+
+def leave_one_patient_out(sections, seed: int, inner_val: bool = True) -> list[Fold]:
+    by_patient = _patients(sections)
+    if len(by_patient) < 2:
+        raise ConfigError(
+            "split leave_one_patient_out needs at least 2 patients; this dataset has "
+            f"{len(by_patient)} (use split leave_one_section_out and declare protocol_level: section)"
+        )
+    return _patient_folds([[p] for p in by_patient], by_patient, seed, inner_val)
+
+
+def patient_kfold(sections, seed: int, k: int = 5, inner_val: bool = True) -> list[Fold]:
+    by_patient = _patients(sections)
+    if not 2 <= k <= len(by_patient):
+        raise ConfigError(f"split patient_kfold: k must be between 2 and the number of patients ({len(by_patient)}), got {k} (key split_params.k)")
+    order = list(by_patient)
+    np.random.default_rng(seed).shuffle(order)
+    groups = [sorted(order[i::k]) for i in range(k)]
+    return _patient_folds(groups, by_patient, seed, inner_val)
+
+
+def leave_one_section_out(sections, seed: int, inner_val: bool = True) -> list[Fold]:
+    names = sorted(s.name for s in sections)
+    patient_of = {s.name: s.patient for s in sections}
+    rng = np.random.default_rng(seed)
+    folds = []
+    for i, test in enumerate(names):
+        rest = [n for n in names if n != test]
+        val: list[str] = []
+        if inner_val and len(rest) >= 2:
+            # prefer a validation section from another patient than the test section
+            other = [n for n in rest if patient_of[n] != patient_of[test]] or rest
+            val = [other[int(rng.integers(len(other)))]]
+        folds.append(Fold(i, tuple(n for n in rest if n not in val), tuple(val), (test,), name=f"test={test}"))
+    return folds
+
+
+def random_slide(sections, seed: int, n_splits: int = 5, test_fraction: float = 0.1, val_fraction: float = 0.1) -> list[Fold]:
+    """HyperST's protocol: ``n_splits`` independent shuffles of the slide list, 80/10/10 by slide.
+
+    One RNG seeded once, then consecutive shuffles (METHODS.md §1.5), so test sets may overlap across
+    splits: this is not a partition.
+    """
+    names = sorted(s.name for s in sections)
+    n = len(names)
+    n_test = max(round(test_fraction * n), 1)
+    n_val = max(round(val_fraction * n), 1)
+    if n_test + n_val >= n:
+        raise ConfigError(f"split random_slide needs more than {n_test + n_val} slides, the dataset has {n}")
+    rng = np.random.default_rng(seed)
+    folds = []
+    for i in range(n_splits):
+        order = list(rng.permutation(names))
+        test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
+        folds.append(Fold(i, tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)), name=f"split {i}"))
+    return folds
+
+
+#: what a benchmark may declare as the level at which train and test must be independent
+PROTOCOL_LEVELS = ("patient", "section", "spot")
+
+
+def check_folds(folds: list[Fold], sections: Sequence[SectionInfo], protocol_level: str, split_name: str) -> None:
+    """Refuse folds that leak: a patient on both sides, a section in two roles, unknown sections."""
+    if protocol_level not in PROTOCOL_LEVELS:
+        raise ConfigError(f"protocol_level must be one of {', '.join(PROTOCOL_LEVELS)}, got {protocol_level!r}")
+    patient_of = {s.name: s.patient for s in sections}
+    for fold in folds:
+        for side in (fold.train, fold.val, fold.test):
+            unknown = [s for s in side if s not in patient_of]
+            if unknown:
+                raise ConfigError(f"split {split_name} fold {fold.index} names unknown sections {unknown}")
+        if set(fold.test) & (set(fold.train) | set(fold.val)):
+            raise ConfigError(f"split {split_name} fold {fold.index} uses a section for both training and testing")
+        if not fold.test or not fold.train:
+            raise ConfigError(f"split {split_name} fold {fold.index} has an empty training or test set")
+        if protocol_level == "patient":
+            shared = {patient_of[s] for s in fold.test} & {patient_of[s] for s in fold.train + fold.val}
+            if shared:
+                raise ConfigError(
+                    f"split {split_name} fold {fold.index} puts patient(s) {', '.join(sorted(shared))} in both "
+                    "train and test; use a patient-level split (leave_one_patient_out, patient_kfold), or "
+                    "declare protocol_level: section in the benchmark if section-level results are intended"
+                )
+
+
+def builtin_split_specs() -> list[SplitSpec]:
+    return [
+        SplitSpec("leave_one_patient_out", leave_one_patient_out, unit="patient", params=PatientParams,
+                  description="one fold per patient; one other patient validates"),
+        SplitSpec("patient_kfold", patient_kfold, unit="patient", params=KFoldParams,
+                  description="patients shuffled (seeded) into k groups; one training patient validates"),
+        SplitSpec("leave_one_section_out", leave_one_section_out, unit="section", params=SectionParams,
+                  description="one fold per section; sections of one patient are not independent"),
+        SplitSpec("random_slide", random_slide, unit="slide-random", params=RandomSlideParams,
+                  description="HyperST: 5 seeded 80/10/10 shuffles by slide (test sets may overlap)"),
+    ]
