@@ -147,14 +147,15 @@ def cmd_data_check(args) -> int:
     return 0
 
 
-def _showwarning(message, category, filename, lineno, file=None, line=None):
-    print(f"stbench: warning: {message}", file=sys.stderr)
+def _formatwarning(message, category, filename, lineno, line=None):
+    # one line, no source location: these warnings are addressed to users, not developers
+    return f"stbench: warning: {message}\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    warnings.showwarning = _showwarning
+    original_format, warnings.formatwarning = warnings.formatwarning, _formatwarning
     handlers = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "leaderboard": cmd_leaderboard}
     try:
         if args.command == "data":
@@ -171,6 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("stbench: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = original_format
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -86,7 +86,7 @@ class Plugins:
         self.infos[info.name] = info
         for registry in self.registries().values():
             registry.failed_plugins[info.name] = error
-        warnings.warn(f"stbench: plugin {info.name!r} ({info.package}) failed to load: {error}", stacklevel=3)
+        warnings.warn(f"plugin {info.name!r} ({info.package}) failed to load: {error}", stacklevel=3)
 
     def add_module(self, name: str, module, package: str, module_path: str = "") -> None:
         info = PluginInfo(name=name, module=module_path or getattr(module, "__name__", name), package=package)

@@ -15,6 +15,7 @@ from stbench_plugins.her2.reader import open_her2
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "her2st"
 real_data = pytest.mark.skipif(not REAL.is_dir(), reason=f"her2st data not found at {REAL} (../shared/data/her2st)")
+slow = pytest.mark.slow  # parses all 36 real sections once per session (about 30 s)
 
 
 def test_plugin_registers_the_dataset():
@@ -50,6 +51,7 @@ def test_real_sections_patients_and_images():
 
 
 @real_data
+@slow
 def test_real_spot_totals(real):
     ds, sections = real
     assert sum(s.n_spots for s in sections.values()) == 13_620
@@ -58,6 +60,7 @@ def test_real_spot_totals(real):
 
 
 @real_data
+@slow
 def test_real_arrays_are_consistent(real):
     _, sections = real
     for s in sections.values():
@@ -76,6 +79,7 @@ def test_real_arrays_are_consistent(real):
 
 
 @real_data
+@slow
 def test_real_scale_per_patient(real):
     _, sections = real
     a1, b1 = sections["A1"].mpp, sections["B1"].mpp
@@ -88,6 +92,7 @@ def test_real_scale_per_patient(real):
 
 
 @real_data
+@slow
 def test_real_second_load_comes_from_the_cache(real, monkeypatch):
     ds, sections = real
 
@@ -209,65 +214,78 @@ def test_synthetic_data_dir_not_found(fake, tmp_path, monkeypatch, setting):
     assert_one_line_error(excinfo, expected, "ST-cnts/", "--data-dir", "$STBENCH_DATA")
 
 
-def gz_text(text: str) -> bytes:
-    return gzip.compress(text.encode())
+def edit_counts(edit):
+    """A breaker that rewrites A1's count table as ``edit(lines)`` returns it (header line first)."""
+
+    def breaks(root):
+        lines = gzip.decompress(counts_file(root).read_bytes()).decode().splitlines()
+        counts_file(root).write_bytes(gzip.compress(("\n".join(edit(lines)) + "\n").encode()))
+
+    return breaks
 
 
-def good_gz(root) -> bytes:
-    return counts_file(root).read_bytes()
+def set_count(value):
+    """Put ``value`` at spot 5x11 (second data row), gene G2."""
 
-
-def rewrite_table(root, edit):
-    """Rewrite A1's counts after ``edit(lines)`` changed its text lines (header first)."""
-    lines = gzip.decompress(good_gz(root)).decode().splitlines()
-    edit(lines)
-    counts_file(root).write_bytes(gz_text("\n".join(lines) + "\n"))
-
-
-def replace_value(value):
     def edit(lines):
         fields = lines[2].split("\t")
         fields[2] = value
-        lines[2] = "\t".join(fields)
+        return lines[:2] + ["\t".join(fields)] + lines[3:]
 
-    return edit
+    return edit_counts(edit)
 
 
-# (name, how to break the layout, the file the message must name, fragments it must contain)
+def edit_gz_bytes(edit):
+    return lambda root: counts_file(root).write_bytes(edit(counts_file(root).read_bytes()))
+
+
+def edit_spots(edit):
+    """A breaker that rewrites A1's spot file as ``edit(table)`` returns it."""
+
+    def breaks(root):
+        edit(pd.read_csv(spots_file(root), sep="\t")).to_csv(spots_file(root), sep="\t", index=False)
+
+    return breaks
+
+
+def spots_only_at(positions):
+    return lambda root: write_spots(spots_file(root), spot_rows("A1", positions))
+
+
+def spots_as_csv(root):
+    pd.read_csv(spots_file(root), sep="\t").to_csv(spots_file(root), sep=",", index=False)
+
+
+def bad_selected_value(root):
+    spots_file(root).write_text(spots_file(root).read_text().replace("\t1\n", "\toops\n", 1))
+
+
+# (case, how to break A1, the file the message must name, fragments it must contain)
 BROKEN = [
     ("count file missing", lambda r: counts_file(r).unlink(), "A1.tsv.gz", ["missing", "B1"]),
-    ("truncated gzip", lambda r: counts_file(r).write_bytes(good_gz(r)[:-20]), "A1.tsv.gz", ["cannot read"]),
-    ("not gzip at all", lambda r: counts_file(r).write_bytes(b"\tG1\n5x10\t1\n"), "A1.tsv.gz", ["cannot read"]),
-    ("corrupt gzip body", lambda r: counts_file(r).write_bytes(good_gz(r)[:12] + b"\xff" * 40 + good_gz(r)[52:]),
-     "A1.tsv.gz", ["cannot read"]),
-    ("comma-separated", lambda r: rewrite_table(r, lambda ls: ls.__setitem__(slice(None), [l.replace("\t", ",") for l in ls])),
+    ("truncated gzip", edit_gz_bytes(lambda b: b[:-20]), "A1.tsv.gz", ["cannot read", "EOFError"]),
+    ("not gzip at all", edit_gz_bytes(lambda b: b"\tG1\n5x10\t1\n"), "A1.tsv.gz", ["cannot read", "Not a gzipped"]),
+    ("corrupt gzip body", edit_gz_bytes(lambda b: b[:12] + b"\xff" * 40 + b[52:]), "A1.tsv.gz", ["cannot read"]),
+    ("comma-separated", edit_counts(lambda ls: [line.replace("\t", ",") for line in ls]),
      "A1.tsv.gz", ["single column", "comma-separated", "tab-separated"]),
-    ("ragged row", lambda r: rewrite_table(r, lambda ls: ls.__setitem__(3, ls[3] + "\t1\t2")), "A1.tsv.gz", ["cannot read"]),
-    ("non-numeric count", lambda r: rewrite_table(r, replace_value("abc")), "A1.tsv.gz", ["non-numeric count 'abc' at spot '5x11', gene 'G2'"]),
-    ("empty count", lambda r: rewrite_table(r, replace_value("")), "A1.tsv.gz", ["missing (empty or NaN) count at spot '5x11', gene 'G2'"]),
-    ("NA count", lambda r: rewrite_table(r, replace_value("NA")), "A1.tsv.gz", ["missing (empty or NaN)"]),
-    ("negative count", lambda r: rewrite_table(r, replace_value("-3")), "A1.tsv.gz", ["negative count -3 at spot '5x11', gene 'G2'"]),
-    ("fractional count", lambda r: rewrite_table(r, replace_value("1.5")), "A1.tsv.gz", ["non-integer count 1.5"]),
-    ("duplicated spot id", lambda r: rewrite_table(r, lambda ls: ls.__setitem__(2, ls[1])), "A1.tsv.gz",
-     ["duplicated spot", "5x10"]),
-    ("duplicated gene", lambda r: rewrite_table(r, lambda ls: ls.__setitem__(0, ls[0].replace("G3", "G1"))),
+    ("ragged row", edit_counts(lambda ls: ls[:3] + [ls[3] + "\t1\t2"] + ls[4:]), "A1.tsv.gz", ["cannot read"]),
+    ("non-numeric count", set_count("abc"), "A1.tsv.gz", ["non-numeric count 'abc' at spot '5x11', gene 'G2'"]),
+    ("empty count", set_count(""), "A1.tsv.gz", ["missing (empty or NaN) count at spot '5x11', gene 'G2'"]),
+    ("NA count", set_count("NA"), "A1.tsv.gz", ["missing (empty or NaN)"]),
+    ("negative count", set_count("-3"), "A1.tsv.gz", ["negative count -3 at spot '5x11', gene 'G2'"]),
+    ("fractional count", set_count("1.5"), "A1.tsv.gz", ["non-integer count 1.5"]),
+    ("duplicated spot id", edit_counts(lambda ls: ls[:2] + ls[1:2] + ls[3:]), "A1.tsv.gz", ["duplicated spot", "5x10"]),
+    ("duplicated gene", edit_counts(lambda ls: [ls[0].replace("G3", "G1")] + ls[1:]),
      "A1.tsv.gz", ["duplicated gene", "G1"]),
-    ("malformed spot id", lambda r: rewrite_table(r, lambda ls: ls.__setitem__(1, "spot1" + ls[1][4:])),
+    ("malformed spot id", edit_counts(lambda ls: ls[:1] + ["spot1" + ls[1][4:]] + ls[2:]),
      "A1.tsv.gz", ["malformed spot id", "spot1"]),
     ("spot file missing", lambda r: spots_file(r).unlink(), "A1_selection.tsv", ["missing"]),
-    ("spot file lacks columns",
-     lambda r: pd.read_csv(spots_file(r), sep="\t").drop(columns=["pixel_x", "new_y"]).to_csv(spots_file(r), sep="\t", index=False),
+    ("spot file lacks columns", edit_spots(lambda t: t.drop(columns=["pixel_x", "new_y"])),
      "A1_selection.tsv", ["missing column(s) new_y pixel_x", "x y new_x new_y pixel_x pixel_y"]),
-    ("spot file comma-separated",
-     lambda r: pd.read_csv(spots_file(r), sep="\t").to_csv(spots_file(r), sep=",", index=False),
-     "A1_selection.tsv", ["missing column(s)", "comma-separated"]),
-    ("spot file bad value",
-     lambda r: spots_file(r).write_text(spots_file(r).read_text().replace("\t1\n", "\toops\n", 1)),
-     "A1_selection.tsv", ["column selected", "'oops'", "line 2"]),
-    ("spot file duplicated position",
-     lambda r: write_spots(spots_file(r), spot_rows("A1", [(5, 10), (5, 10)])), "A1_selection.tsv", ["duplicated spot"]),
-    ("spot ids do not join",
-     lambda r: write_spots(spots_file(r), spot_rows("A1", [(x, y) for x in (5, 6, 7) for y in (10, 11)])),
+    ("spot file comma-separated", spots_as_csv, "A1_selection.tsv", ["missing column(s)", "comma-separated"]),
+    ("spot file bad value", bad_selected_value, "A1_selection.tsv", ["column selected", "'oops'", "line 2"]),
+    ("spot file duplicated position", spots_only_at([(5, 10), (5, 10)]), "A1_selection.tsv", ["duplicated spot"]),
+    ("spot ids do not join", spots_only_at([(x, y) for x in (5, 6, 7) for y in (10, 11)]),
      "A1_selection.tsv", ["do not join", "A1.tsv.gz", "5x12"]),
 ]
 

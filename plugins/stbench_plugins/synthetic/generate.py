@@ -161,14 +161,15 @@ class SyntheticDataset(Dataset):
         rng = np.random.default_rng([o.seed, 0])
         n_all, k = len(self.genes), o.n_factors
         self._log_base = rng.normal(0.0, 1.0, n_all)
-        loadings = rng.gamma(2.0, 0.75, (k, n_all)) * (rng.random((k, n_all)) < 0.4)
+        loadings = np.minimum(rng.gamma(2.0, 0.75, (k, n_all)), 2.5) * (rng.random((k, n_all)) < 0.4)
         # Extra genes, most of the UMIs, vary weakly in space (like housekeeping genes): otherwise the
         # per-spot library they dominate would swamp panel genes' programmes after normalisation.
         loadings[:, o.n_genes :] *= 0.3
-        for f in range(k):  # pure markers: panel genes 2f and 2f+1 follow factor f only
+        for f in range(k):  # pure, well-expressed markers: panel genes 2f and 2f+1 follow factor f only
             markers = [g for g in (2 * f, 2 * f + 1) if g < o.n_genes]
             loadings[:, markers] = 0.0
-            loadings[f, markers] = 3.0
+            loadings[f, markers] = 3.0  # above every other loading (capped at 2.5)
+            self._log_base[markers] = np.maximum(self._log_base[markers], 0.0)
         if o.n_extra_genes:  # scale extra genes to EXTRA_GENE_MASS x the panel's UMIs at mid programmes
             typical = np.exp(self._log_base + 0.5 * loadings.sum(axis=0))
             ratio = typical[o.n_genes :].sum() / typical[: o.n_genes].sum()
