@@ -261,8 +261,9 @@ class SyntheticDataset(Dataset):
         # A logistic of the standardised field makes compartments mostly on or off, as tissue regions
         # are, then a rescale makes the spots span [0, 1]. The mesh gets the same map, so pixels
         # between spots interpolate their neighbours' programmes.
-        mean, std = at_spots.mean(axis=0), np.maximum(at_spots.std(axis=0), 1e-12)
-        squash = lambda v, m, s: 1 / (1 + np.exp(-COMPARTMENT_GAIN * (v - m) / s))  # noqa: E731
+        mean, std = at_spots.mean(axis=0), at_spots.std(axis=0)
+        std = np.where(std > 0, std, 1.0)
+        squash = lambda v, m, s: 0.5 + 0.5 * np.tanh(0.5 * COMPARTMENT_GAIN * (v - m) / s)  # logistic  # noqa: E731
         at_spots = squash(at_spots, mean, std)
         lo, hi = at_spots.min(axis=0), at_spots.max(axis=0)
         span = np.where(hi > lo, hi - lo, 1.0)
