@@ -156,6 +156,7 @@ class SlideStore:
         self._sections: dict[str, Section] = {}
         self._slides: dict[tuple, Slide] = {}
         self._fixed_panel: Optional[list[str]] = None
+        self._fold_panels: dict[tuple, list[str]] = {}
 
     def section(self, name: str) -> Section:
         if name not in self._sections:
@@ -165,7 +166,10 @@ class SlideStore:
     def panel(self, fold: Fold) -> list[str]:
         pconf = self.plan.config.panel
         if pconf.hvg:
-            return highly_variable_genes([self.section(s) for s in fold.train + fold.val], int(pconf.hvg))
+            key = fold.train + fold.val
+            if key not in self._fold_panels:  # chosen on the fold's training side only
+                self._fold_panels[key] = highly_variable_genes([self.section(s) for s in key], int(pconf.hvg))
+            return self._fold_panels[key]
         if self._fixed_panel is None:
             if pconf.file:
                 path = Path(pconf.file)
@@ -237,7 +241,18 @@ def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_b
     _check_resumable(run, plan)
     patient_of = {s.name: s.patient for s in plan.sections}
 
-    # provenance first, so even a run that dies later says what it was
+    # read and check all data before writing anything, so bad input leaves no half-made run
+    store = SlideStore(plan)
+    for fold in plan.folds:
+        store.panel(fold)
+    test_names = sorted({s for f in plan.folds for s in f.test})
+    unique_test = sum(len(f.test) for f in plan.folds) == len(test_names)
+    strategy = plan.plugins.prompts.get(config.prompt.strategy).func
+    prompts: dict[str, np.ndarray] = {}
+    for name in test_names:
+        positions = store.section(name).positions_um()
+        prompts[name] = select_prompts(strategy, positions, config.prompt.ratio, name, config.seed)
+    # provenance before any method runs, so even a run that dies later says what it was
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))
     method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
@@ -253,14 +268,6 @@ def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_b
                                      "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                      "plugins": {i.name: i.package for i in plan.plugins.infos.values()}})
 
-    store = SlideStore(plan)
-    test_names = sorted({s for f in plan.folds for s in f.test})
-    unique_test = sum(len(f.test) for f in plan.folds) == len(test_names)
-    strategy = plan.plugins.prompts.get(config.prompt.strategy).func
-    prompts: dict[str, np.ndarray] = {}
-    for name in test_names:
-        positions = store.section(name).positions_um()
-        prompts[name] = select_prompts(strategy, positions, config.prompt.ratio, name, config.seed)
     run.write_json("prompts.json", {
         "strategy": config.prompt.strategy, "ratio": config.prompt.ratio, "seed": config.seed,
         "slides": {n: [str(store.section(n).spot_ids[i]) for i in idx] for n, idx in prompts.items()},

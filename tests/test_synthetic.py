@@ -100,7 +100,8 @@ def test_hex_lattice_geometry():
     # Interior spots (all six lattice neighbours present) have six neighbours at one pitch in pixels.
     present = set(map(tuple, sec.grid.tolist()))
     steps = [(2, 0), (-2, 0), (1, 1), (-1, 1), (1, -1), (-1, -1)]
-    interior = [i for i, (a, b) in enumerate(sec.grid.tolist()) if all((a + u, b + v) in present for u, v in steps)]
+    grid = sec.grid.tolist()
+    interior = [i for i, (a, b) in enumerate(grid) if all((a + u, b + v) in present for u, v in steps)]
     assert len(interior) > 150
     dist, _ = cKDTree(sec.pixel).query(sec.pixel[interior], k=8)
     assert np.allclose(dist[:, 1:7], pitch_px, rtol=1e-6)
@@ -166,7 +167,7 @@ def test_image_predicts_expression(lattice):
     # Darkness of a one-pitch patch around each spot follows the factor-0 marker gene.
     half = int(sec.spot_pitch_um / sec.mpp / 2)
     cx, cy = np.round(sec.pixel).astype(int).T
-    darkness = np.array([255 - image[y - half : y + half, x - half : x + half].mean() for x, y in zip(cx, cy)])
+    darkness = 255 - np.array([image[y - half : y + half, x - half : x + half].mean() for x, y in zip(cx, cy)])
     load = ds.loadings[:, :60]
     gene = int(np.argmax(load[0] - load[1:].sum(axis=0)))  # the most factor-0-specific panel gene
     x, keep = _log_norm(sec.counts)
@@ -181,7 +182,8 @@ def test_background_is_near_white():
 
 
 def test_large_section_without_image():
-    ds = open_synthetic(None, SyntheticOptions(n_patients=1, sections_per_patient=1, spots_per_section=100_000, images=False))
+    options = SyntheticOptions(n_patients=1, sections_per_patient=1, spots_per_section=100_000, images=False)
+    ds = open_synthetic(None, options)
     assert ds.sections()[0].has_image is False
     sec = ds.load_section("P1S1")
     assert sec.n_spots == 100_000 and sec.counts.shape == (100_000, 100)

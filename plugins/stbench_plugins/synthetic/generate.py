@@ -95,9 +95,14 @@ class _Scene:
     image_shape: tuple  # (H, W) pixels
 
 
+def _lattice_step(lattice: str) -> np.ndarray:
+    """Distance (x, y), in pitches, of one grid unit: hex rows are sqrt(3)/2 apart, x counts half pitches."""
+    return np.array([1.0, 1.0]) if lattice == "square" else np.array([0.5, math.sqrt(3) / 2])
+
+
 def _layout(n: int, lattice: str, outline: bool, rng: np.random.Generator) -> np.ndarray:
     """(n, 2) lattice coordinates, row-major, with min x, min y at (or next to) 0."""
-    step = np.array([1.0, 1.0]) if lattice == "square" else np.array([0.5, math.sqrt(3) / 2])  # pitches
+    step = _lattice_step(lattice)
     if not outline:
         cols = math.ceil(math.sqrt(n))
         row, col = np.divmod(np.arange(n), cols)
@@ -182,7 +187,8 @@ class SyntheticDataset(Dataset):
     # --- Dataset interface -------------------------------------------------------------------------
 
     def sections(self) -> list[SectionInfo]:
-        return [SectionInfo(name, f"P{p + 1}", has_image=self.options.images) for name, (p, _) in self._sections.items()]
+        images = self.options.images
+        return [SectionInfo(name, f"P{p + 1}", has_image=images) for name, (p, _) in self._sections.items()]
 
     def default_panel(self) -> list[str]:
         return list(self.panel)
@@ -233,7 +239,8 @@ class SyntheticDataset(Dataset):
 
     def _where(self, name: str):
         if name not in self._sections:
-            raise DataError(f"synthetic dataset has no section {name!r}; sections: {', '.join(self._sections)}")
+            valid = ", ".join(self._sections)
+            raise DataError(f"synthetic dataset has no section {name!r}; sections: {valid}")
         return self._sections[name]
 
     def _scene(self, p: int, s: int) -> _Scene:
@@ -241,7 +248,7 @@ class SyntheticDataset(Dataset):
         rng = np.random.default_rng([o.seed, 2, p, s])
         pitch = o.pitch_um()
         grid = _layout(o.spots_per_section, o.lattice, o.outline, rng)
-        step_um = pitch * (np.array([1.0, 1.0]) if o.lattice == "square" else np.array([0.5, math.sqrt(3) / 2]))
+        step_um = pitch * _lattice_step(o.lattice)
         margin_um = pitch  # one pitch of background around the outermost spots
         um = margin_um + grid * step_um
         width_um, height_um = um.max(axis=0) + margin_um
@@ -257,13 +264,16 @@ class SyntheticDataset(Dataset):
         at_spots = np.empty((len(grid), o.n_factors))
         for f in range(o.n_factors):
             fields[f] = ndimage.gaussian_filter(fields[f], scales[f], mode="reflect")
-            at_spots[:, f] = ndimage.map_coordinates(fields[f], (um[:, 1] / mesh_um, um[:, 0] / mesh_um), order=1)
+            at_spots[:, f] = ndimage.map_coordinates(fields[f], um[:, ::-1].T / mesh_um, order=1)
         # A logistic of the standardised field makes compartments mostly on or off, as tissue regions
         # are, then a rescale makes the spots span [0, 1]. The mesh gets the same map, so pixels
         # between spots interpolate their neighbours' programmes.
         mean, std = at_spots.mean(axis=0), at_spots.std(axis=0)
         std = np.where(std > 0, std, 1.0)
-        squash = lambda v, m, s: 0.5 + 0.5 * np.tanh(0.5 * COMPARTMENT_GAIN * (v - m) / s)  # logistic  # noqa: E731
+
+        def squash(v, m, s):  # the logistic, written with tanh so it cannot overflow
+            return 0.5 + 0.5 * np.tanh(0.5 * COMPARTMENT_GAIN * (v - m) / s)
+
         at_spots = squash(at_spots, mean, std)
         lo, hi = at_spots.min(axis=0), at_spots.max(axis=0)
         span = np.where(hi > lo, hi - lo, 1.0)
@@ -277,7 +287,8 @@ class _Renderer:
     """``Section.image_loader``: paints the section's image on demand, caching the last one rendered."""
 
     def __init__(self, scene: _Scene, mpp: float, pitch: float, seed, cache: dict, key: str):
-        self.scene, self.mpp, self.pitch, self.seed, self.cache, self.key = scene, mpp, pitch, seed, cache, key
+        self.scene, self.mpp, self.pitch, self.seed = scene, mpp, pitch, seed
+        self.cache, self.key = cache, key
 
     def __call__(self) -> np.ndarray:
         if self.cache.get("key") != self.key:
@@ -308,7 +319,8 @@ class _Renderer:
         accept = rng.random(n_cand)
         at = (xy[:, 1] * to_mesh, xy[:, 0] * to_mesh)
         f0 = np.clip(ndimage.map_coordinates(sc.fields[0], at, order=1, mode="nearest"), 0, 1)
-        keep = (ndimage.map_coordinates(dist, at, order=1, mode="nearest") < tissue_um) & (accept < 0.03 + 0.97 * f0)
+        in_tissue = ndimage.map_coordinates(dist, at, order=1, mode="nearest") < tissue_um
+        keep = in_tissue & (accept < 0.03 + 0.97 * f0)
         nuclei = _stamp_discs(xy[keep].astype(np.int64), np.maximum(radius[keep], 0.5), H, W)
 
         image = np.empty((H, W, 3), np.uint8)
@@ -328,7 +340,8 @@ class _Renderer:
             noise = 3 * rng.standard_normal((y1 - y0, W), dtype=np.float32)
             nuc = nuclei[y0:y1]
             for c in range(3):
-                tissue_c = (BACKGROUND[c] + saturation * (EOSIN[c] - BACKGROUND[c]) + blue * BLUE_SHIFT[c]) * grain
+                pink = BACKGROUND[c] + saturation * (EOSIN[c] - BACKGROUND[c])
+                tissue_c = (pink + blue * BLUE_SHIFT[c]) * grain
                 value = np.where(nuc, NUCLEUS[c], np.where(tissue, tissue_c, BACKGROUND[c])) + noise
                 image[y0:y1, :, c] = np.clip(value, 0, 255)
         return image
