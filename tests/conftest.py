@@ -15,10 +15,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_HER2 = REPO.parent / "shared" / "data" / "her2st"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """One fresh cache for the whole session (session-scoped fixtures are set up before per-test ones)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "stbench-cache"))
+        yield
+
+
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch, tmp_path_factory):
+def _isolated(monkeypatch):
     """No test reads the user's cache, data or installed third-party plugins."""
-    monkeypatch.setenv("STBENCH_CACHE", str(tmp_path_factory.getbasetemp() / "stbench-cache"))
     monkeypatch.delenv("STBENCH_DATA", raising=False)
     monkeypatch.delenv("STBENCH_BLOCK_PLUGINS", raising=False)
     monkeypatch.setenv("STBENCH_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -34,11 +34,10 @@ def test_plugin_registers_the_dataset():
 
 @pytest.fixture(scope="session")
 def real(tmp_path_factory):
-    """The real dataset with every section loaded once, through a fresh cache (the first parse is slow)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("STBENCH_CACHE", str(tmp_path_factory.mktemp("her2-cache")))
-        ds = open_her2(REAL)
-        yield ds, {info.name: ds.load_section(info.name) for info in ds.sections()}
+    """The real dataset with every section loaded once, through the session's fresh cache (conftest's
+    STBENCH_CACHE; the first parse is slow, later tests and runs read the cache)."""
+    ds = open_her2(REAL)
+    yield ds, {info.name: ds.load_section(info.name) for info in ds.sections()}
 
 
 @real_data

@@ -58,7 +58,7 @@ def test_unknown_section_names_the_valid_ones():
 
 
 @pytest.mark.parametrize(
-    "bad", [dict(lattice="triangle"), dict(n_genes=0), dict(mpp=0.0), dict(spot_pitch_um=-1.0)]
+    "bad", [dict(lattice="triangle"), dict(n_genes=0), dict(mpp=0.0), dict(spot_pitch_um=-1.0), dict(seed=-1)]
 )
 def test_bad_options_raise_config_error(bad):
     with pytest.raises(ConfigError):
@@ -84,7 +84,7 @@ def test_square_lattice_geometry(mpp, outline):
     assert sec.lattice == "square" and sec.spot_pitch_um == 200.0 and sec.mpp == mpp
     origin = sec.pixel - sec.grid * (200.0 / mpp)  # pixel = margin + grid * pitch_px
     assert np.allclose(origin, origin[0])
-    assert sec.grid.min() >= 0
+    assert np.array_equal(sec.grid.min(axis=0), [0, 0])
     if not outline:  # a rectangular grid of ceil(sqrt(n)) columns
         assert sec.grid[:, 0].max() == math.ceil(math.sqrt(300)) - 1
 
@@ -167,7 +167,8 @@ def test_image_predicts_expression(lattice):
     # Darkness of a one-pitch patch around each spot follows the factor-0 marker gene.
     half = int(sec.spot_pitch_um / sec.mpp / 2)
     cx, cy = np.round(sec.pixel).astype(int).T
-    darkness = 255 - np.array([image[y - half : y + half, x - half : x + half].mean() for x, y in zip(cx, cy)])
+    patches = [image[y - half : y + half, x - half : x + half] for x, y in zip(cx, cy)]
+    darkness = 255 - np.array([patch.mean() for patch in patches])
     load = ds.loadings[:, :60]
     gene = int(np.argmax(load[0] - load[1:].sum(axis=0)))  # the most factor-0-specific panel gene
     x, keep = _log_norm(sec.counts)

@@ -76,6 +76,8 @@ def _check(o: SyntheticOptions) -> None:
         raise ConfigError(f"dataset_options.spot_pitch_um={o.spot_pitch_um!r}: must be positive")
     if not o.mpp > 0:
         raise ConfigError(f"dataset_options.mpp={o.mpp!r}: must be positive")
+    if o.seed < 0:  # numpy's SeedSequence takes non-negative integers only
+        raise ConfigError(f"dataset_options.seed={o.seed!r}: must be 0 or more")
 
 
 def _gene_names(prefix: str, n: int) -> list[str]:
@@ -111,7 +113,8 @@ def _layout(n: int, lattice: str, outline: bool, rng: np.random.Generator) -> np
     # Candidates on a rectangle ~2.5x the tissue area; keep the n most central under a wobbly
     # elliptical radius, so the outline is tissue-like and the count is exact.
     aspect = rng.uniform(0.75, 1.33)
-    radius = math.sqrt(n * step[0] * step[1] * (1 if lattice == "square" else 2) / math.pi)  # pitches
+    spot_area = 1.0 if lattice == "square" else math.sqrt(3) / 2  # pitch² of tissue per spot
+    radius = math.sqrt(n * spot_area / math.pi)  # pitches
     a, b = radius * math.sqrt(aspect), radius / math.sqrt(aspect)
     hx, hy = math.ceil(1.4 * a / step[0]) + 1, math.ceil(1.4 * b / step[1]) + 1
     y, x = np.mgrid[-hy : hy + 1, -hx : hx + 1].reshape(2, -1)
@@ -125,7 +128,7 @@ def _layout(n: int, lattice: str, outline: bool, rng: np.random.Generator) -> np
     chosen = np.argsort(np.hypot(px, py) / wobble, kind="stable")[:n]
     x, y = x[chosen], y[chosen]
     dx, dy = x.min(), y.min()
-    if (dx - dy) % 2:  # shift x and y by amounts of equal parity so hex parity survives
+    if lattice == "hex" and (dx - dy) % 2:  # shift x and y by amounts of equal parity: keeps hex parity
         dx -= 1
     x, y = x - dx, y - dy
     order = np.lexsort((x, y))
@@ -167,7 +170,7 @@ class SyntheticDataset(Dataset):
         n_all, k = len(self.genes), o.n_factors
         self._log_base = rng.normal(0.0, 1.0, n_all)
         loadings = np.minimum(rng.gamma(2.0, 0.75, (k, n_all)), 2.5) * (rng.random((k, n_all)) < 0.4)
-        # Extra genes, most of the UMIs, vary weakly in space (like housekeeping genes): otherwise the
+        # Extra genes, over half of the UMIs, vary weakly in space (like housekeeping genes): otherwise the
         # per-spot library they dominate would swamp panel genes' programmes after normalisation.
         loadings[:, o.n_genes :] *= 0.3
         for f in range(k):  # pure, well-expressed markers: panel genes 2f and 2f+1 follow factor f only
