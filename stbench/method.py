@@ -33,6 +33,8 @@ class FitContext:
     seed: int
     genes: np.ndarray
     fold: int = 0
+    #: torch device string chosen by the harness ("cpu" here; "cuda" where one is available)
+    device: str = "cpu"
     #: a directory the method may write checkpoints to (inside the run directory)
     workdir: Optional[Path] = None
     #: the run's prompt settings, for methods that simulate prompts while training (PHG2ST)

@@ -68,6 +68,9 @@ class RunDir:
             slides.append(pd.read_csv(slide_file))
         results = pd.concat(slides, ignore_index=True) if slides else pd.DataFrame(columns=ID_COLUMNS)
         fold_results = pd.concat(folds, ignore_index=True) if folds else pd.DataFrame(columns=["method", "fold"])
+        for frame in (results, fold_results):  # counts absent from some parts are zero, not missing
+            for col in [c for c in frame if c.endswith(("_skipped", "_pred_constant"))]:
+                frame[col] = frame[col].fillna(0).astype(int)
         if len(results):
             results = results.sort_values(["method", "fold", "slide"], kind="stable").reset_index(drop=True)
             fold_results = fold_results.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)

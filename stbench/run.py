@@ -37,7 +37,7 @@ from stbench.specs import resolve
 from stbench.splits import Fold, check_folds
 
 #: needs that can only be met on sections that have an image
-IMAGE_NEEDS = {"image", "image_features", "neighbour_features"}
+IMAGE_NEEDS = {"image", "image_patches", "image_features", "neighbour_features"}
 
 
 @dataclass

@@ -18,6 +18,7 @@ NEEDS = {
     "expression": "normalised panel expression of training slides and of test prompt spots",
     "coords": "spot grid and pixel coordinates",
     "image": "the section's full-resolution image (methods that cut their own patches)",
+    "image_patches": "RGB spot patches at a stated size in µm (methods that train or fine-tune an encoder)",
     "image_features": "frozen encoder features of each spot patch",
     "neighbour_features": "frozen encoder features of each spot's 5x5 neighbour grid, with an in-image mask",
     "slide_context": "the whole slide at once (slide-level models)",
