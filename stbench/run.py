@@ -10,7 +10,6 @@ import copy
 import datetime as _dt
 import hashlib
 import importlib.metadata
-import json
 import platform
 import random
 import subprocess
