@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--prompt-ratio", type=float, help="share of each test slide's spots given as prompts (benchmark default 0.1)")
     run.add_argument("--prompt-strategy", help="prompt strategy (benchmark default random; stbench list prompts)")
     run.add_argument("--seed", type=int, help="seed for splits, prompts and training (benchmark default 0)")
+    run.add_argument("--encoder", help="image encoder for methods that need image features (default hefeat; stbench list encoders)")
+    run.add_argument("--encoder-weights", metavar="PATH|random",
+                     help="the encoder's checkpoint file, or 'random' for random initialisation (results are labelled)")
     run.add_argument("--finetune", action="store_true", default=None,
                      help="fine-tune a copy of each fold's model on each test slide's prompts (METHODS.md §9.1)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -67,6 +70,10 @@ def _shorthands(args) -> dict:
         out["data_dir"] = args.data_dir
     if args.finetune:
         out["finetune"] = {"enabled": True}
+    if args.encoder is not None:
+        out.setdefault("images", {})["encoder"] = args.encoder
+    if args.encoder_weights is not None:
+        out.setdefault("images", {})["encoder_weights"] = args.encoder_weights
     return out
 
 
@@ -85,7 +92,7 @@ def cmd_run(args) -> int:
     plan = resolve_plan(config, methods, out, plugins, base_dir)
     print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "
           f"{len(plan.folds)} folds of {config.split}); writing to {out}", file=sys.stderr)
-    outcome = execute(plan, show_bar=not args.quiet)
+    outcome = execute(plan, verbose=not args.quiet)
     if outcome.units_skipped:
         print(f"stbench: {outcome.units_skipped} method x fold units were already complete and were skipped", file=sys.stderr)
     table, meta = leaderboard.summarise([out])

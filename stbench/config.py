@@ -58,6 +58,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class ImageConfig:
+    #: a registered encoder (stbench list encoders); the offline default needs no weights
+    encoder: str = "hefeat"
+    #: a local checkpoint, "random" (random initialisation; results are labelled), or None (the
+    #: encoder's default source, e.g. $STBENCH_UNI_WEIGHTS)
+    encoder_weights: Optional[str] = None
+    #: side of a spot patch (and of each neighbour sub-patch) in µm: 224 px at 0.5 µm/px (HEST, PHG2ST)
+    spot_um: float = 112.0
+    #: the neighbour region is neighbour_grid x neighbour_grid sub-patches (PHG2ST, TRIPLEX: 5)
+    neighbour_grid: int = 5
+    #: a (sub-)patch with less than this share of its area inside the image is masked
+    min_inside: float = 0.5
+
+
+@dataclass
 class RunConfig:
     #: name and version of the benchmark definition this config came from
     benchmark: str = "synthetic"
@@ -77,6 +92,7 @@ class RunConfig:
     metrics: list = field(default_factory=lambda: list(DEFAULT_METRICS))
     seed: int = 0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    images: ImageConfig = field(default_factory=ImageConfig)
     #: per-method hyperparameter overrides: {method: {field: value}}
     methods: dict = field(default_factory=dict)
 

@@ -37,6 +37,9 @@ BUILTIN_PLUGINS = (
     "stbench_plugins.her2",
     "stbench_plugins.mean",
     "stbench_plugins.prompt_knn",
+    "stbench_plugins.ridge",
+    "stbench_plugins.hefeat",
+    "stbench_plugins.timm_encoders",
 )
 
 #: hook name -> registry attribute of :class:`Plugins`

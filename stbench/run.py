@@ -10,6 +10,7 @@ import copy
 import datetime as _dt
 import hashlib
 import importlib.metadata
+import json
 import platform
 import random
 import subprocess
@@ -36,7 +37,9 @@ from stbench.specs import resolve
 from stbench.splits import Fold, check_folds
 
 #: needs that can only be met on sections that have an image
-IMAGE_NEEDS = {"image", "image_patches", "image_features", "neighbour_features"}
+IMAGE_NEEDS = {"image", "image_patches", "image_features", "neighbour_features", "niche_features"}
+#: needs met by frozen encoder features, and the patch kind each asks for
+FEATURE_KINDS = {"image_features": "spot", "neighbour_features": "neighbour", "niche_features": "niche"}
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Plan:
     dataset: Any = None
     sections: list[SectionInfo] = field(default_factory=list)
     folds: list[Fold] = field(default_factory=list)
+    encoder: Any = None  # built only when a method needs image features
+    patch_specs: list = field(default_factory=list)
 
 
 def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, plugins: Plugins,
@@ -88,11 +93,29 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         sections = imaged
 
     sspec = plugins.splits.get(config.split, "key split")
+    if sspec.unit == "patient" and len({s.patient for s in sections}) == 1 and len(sections) > 1:
+        # e.g. her2st: only patient C has images. Say so, and record the section-level protocol.
+        warnings.warn(
+            f"all {len(sections)} sections usable here come from one patient ({sections[0].patient}); "
+            "switching to split leave_one_section_out: sections of one patient are not independent, "
+            "so these results are section-level, not patient-level", stacklevel=2)
+        config.split, config.protocol_level = "leave_one_section_out", "section"
+        config.split_params = {k: v for k, v in config.split_params.items() if k == "inner_val"}
+        sspec = plugins.splits.get(config.split)
     params = cfg.build(sspec.params, config.split_params, "split_params") if sspec.params else None
     kwargs = vars(params) if params is not None else {}
     folds = resolve(sspec.func)(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
-    return Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
+    plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
+    kinds = sorted({FEATURE_KINDS[n] for m in methods for n in plugins.methods.get(m).needs if n in FEATURE_KINDS})
+    if kinds:
+        from stbench.images.geometry import PatchSpec
+
+        images = config.images
+        espec = plugins.encoders.get(images.encoder, "option --encoder / key images.encoder")
+        plan.encoder = resolve(espec.factory)(images.encoder_weights)  # a missing checkpoint fails here
+        plan.patch_specs = [PatchSpec(k, images.spot_um, images.neighbour_grid if k == "neighbour" else 1) for k in kinds]
+    return plan
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,6 +179,7 @@ class SlideStore:
         self._slides: dict[tuple, Slide] = {}
         self._fixed_panel: Optional[list[str]] = None
         self._fold_panels: dict[tuple, list[str]] = {}
+        self._features: dict[str, dict] = {}
 
     def section(self, name: str) -> Section:
         if name not in self._sections:
@@ -193,10 +217,33 @@ class SlideStore:
                     f"(e.g. {', '.join(missing[:5])}); remove them from the panel or use panel.hvg"
                 )
 
+    def prepare_features(self, progress: Optional[Callable[[str], None]] = None) -> None:
+        """Compute (or load from the cache) the image features every method needs, section by section."""
+        if self.plan.encoder is None:
+            return
+        from stbench.images.features import FeatureStore
+        from stbench.paths import cache_dir
+
+        images = self.plan.config.images
+        features = FeatureStore(self.plan.encoder, images.encoder, self.plan.config.dataset, cache_dir(),
+                                min_inside=images.min_inside, progress=progress)
+        for info in self.plan.sections:
+            sets = features.get(self.section(info.name), self.plan.patch_specs)
+            prepared = {}
+            for kind, fs in sets.items():
+                if kind == "neighbour":
+                    prepared["neighbour"], prepared["neighbour_mask"] = fs.features, fs.mask
+                else:  # one patch per spot: (N, d), masked patches are zeros
+                    prepared[kind], prepared[f"{kind}_mask"] = fs.features[:, 0], fs.mask[:, 0]
+            self._features[info.name] = prepared
+        self.feature_counts = (features.computed, features.loaded)
+
     def slide(self, name: str, genes: list[str]) -> Slide:
         key = (name, hashlib.sha1("\n".join(genes).encode()).hexdigest())
         if key not in self._slides:
-            self._slides[key] = make_slide(self.section(name), genes, self.plan.config.normalisation)
+            slide = make_slide(self.section(name), genes, self.plan.config.normalisation)
+            slide.features = self._features.get(name, {})
+            self._slides[key] = slide
         return self._slides[key]
 
 
@@ -234,7 +281,9 @@ class RunOutcome:
     units_skipped: int
 
 
-def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_bar: bool = True) -> RunOutcome:
+def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
+    """Run every method x fold not yet complete in ``plan.out_dir``. ``verbose``: a progress bar on a
+    terminal, one line per step otherwise (logs); nothing when False."""
     config = plan.config
     run = RunDir(plan.out_dir)
     _check_resumable(run, plan)
@@ -251,11 +300,25 @@ def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_b
     for name in test_names:
         positions = store.section(name).positions_um()
         prompts[name] = select_prompts(strategy, positions, config.prompt.ratio, name, config.seed)
+    tty = sys.stderr.isatty()
+    progress = None
+    if verbose:
+        progress = lambda msg: print(f"stbench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    store.prepare_features(progress)
     # provenance before any method runs, so even a run that dies later says what it was
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))
     method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
-    run.write_json("run.json", {"protocol": _protocol(config), "methods": method_configs})
+    record = {"protocol": _protocol(config), "methods": method_configs}
+    encoder = old.get("encoder")
+    if plan.encoder is not None:
+        encoder = plan.encoder.describe()
+        if old.get("encoder") not in (None, encoder):
+            raise ConfigError(f"output directory {plan.out_dir} holds results computed with encoder {old['encoder']}; "
+                              f"this run uses {encoder}; use a new --out")
+    if encoder is not None:
+        record["encoder"] = encoder
+    run.write_json("run.json", record)
     full = cfg.to_dict(config)
     full["methods"] = method_configs
     atomic.write_text(plan.out_dir / "config.yaml", cfg.dump_yaml(full))
@@ -276,18 +339,15 @@ def execute(plan: Plan, progress: Optional[Callable[[str], None]] = None, show_b
     units = [(m, f) for m in plan.methods for f in plan.folds]
     todo = [(m, f) for m, f in units if not run.is_done(m, f.index)]
     bar = None
-    if show_bar and todo:
+    if verbose and tty and todo:
         from tqdm import tqdm
 
         # a live bar on a terminal; one line per unit in logs (CI, nohup), where \r-redraws are noise
-        bar = tqdm(total=len(todo), desc="stbench", unit="fold", file=sys.stderr, leave=False,
-                   disable=not sys.stderr.isatty())
-        if bar.disable and progress is None:
-            progress = lambda msg: print(f"stbench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+        bar = tqdm(total=len(todo), desc="stbench", unit="fold", file=sys.stderr, leave=False)
     for method_name, fold in todo:
         if bar is not None:
             bar.set_postfix_str(f"{method_name} fold {fold.index + 1}/{len(plan.folds)}")
-        if progress:
+        if progress and bar is None:
             progress(f"{method_name}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})")
         slide_rows, fold_row = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test)
         run.write_unit(method_name, fold.index, slide_rows, fold_row)
@@ -350,7 +410,8 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     train_mean = np.concatenate([s.expr for s in train]).mean(axis=0)
     fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
     fold_row = {"method": method_name, "fold": fold.index, "test_slides": ",".join(fold.test),
-                "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes)}
+                "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
+                "fit_summary": json.dumps(method.summary(), default=str)}
     for m in (m for m in metric_specs if m.level == "fold"):
         func = resolve(m.func)
         fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx)))

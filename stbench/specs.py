@@ -21,6 +21,7 @@ NEEDS = {
     "image_patches": "RGB spot patches at a stated size in µm (methods that train or fine-tune an encoder)",
     "image_features": "frozen encoder features of each spot patch",
     "neighbour_features": "frozen encoder features of each spot's 5x5 neighbour grid, with an in-image mask",
+    "niche_features": "frozen encoder features of a patch covering the spot and its lattice neighbours",
     "slide_context": "the whole slide at once (slide-level models)",
 }
 

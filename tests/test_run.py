@@ -113,10 +113,10 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path):
     p.methods.add(MethodSpec("crashy", CrashOnThirdFold, Cfg), "crashy-plugin", "test")
     conf, base = resolve_config("synthetic")
     with pytest.raises(KeyboardInterrupt):
-        execute(resolve_plan(conf, ["crashy"], out, p, base), show_bar=False)
+        execute(resolve_plan(conf, ["crashy"], out, p, base), verbose=False)
     done = sorted(x.name for x in (out / "parts" / "crashy").glob("*.fold.csv"))
     assert done == ["fold0.fold.csv", "fold1.fold.csv"]
-    outcome = execute(resolve_plan(conf, ["crashy"], out, p, base), show_bar=False)
+    outcome = execute(resolve_plan(conf, ["crashy"], out, p, base), verbose=False)
     assert outcome.units_run == 2 and outcome.units_skipped == 2
     res = pd.read_csv(out / "results.csv")
     ref = pd.read_csv(reference / "results.csv")
@@ -131,7 +131,7 @@ def test_half_written_unit_is_redone(tmp_path):
     (out / "parts" / "mean" / "fold2.fold.csv").unlink()  # killed between the two part files
     (out / "results.csv").unlink()
     conf, base = resolve_config("synthetic")
-    outcome = execute(resolve_plan(conf, ["mean"], out, load_plugins(entry_points=False), base), show_bar=False)
+    outcome = execute(resolve_plan(conf, ["mean"], out, load_plugins(entry_points=False), base), verbose=False)
     assert outcome.units_run == 1
     res = pd.read_csv(out / "results.csv")
     assert len(res) == 8 and not res.duplicated(["method", "fold", "slide"]).any()
@@ -178,7 +178,7 @@ def test_finetune_touches_only_the_copy(tmp_path):
     try:
         conf, base = resolve_config("synthetic", shorthands={"finetune": {"enabled": True}})
         plan = resolve_plan(conf, ["mean"], tmp_path / "ft", load_plugins(entry_points=False), base)
-        execute(plan, show_bar=False)
+        execute(plan, verbose=False)
     finally:
         MeanBaseline.finetune = original
     # each test slide got its own copy, and every copy started from the fold's (untouched) model

@@ -54,6 +54,8 @@ class Section:
         spot_pitch_um: centre-to-centre distance of neighbouring spots.
         image_path: the full-resolution H&E image, if there is one on disk.
         image_loader: for generated data, a function returning the image as an (H, W, 3) uint8 array.
+        image_key: identifies the image's content for the feature cache; required with
+            ``image_loader`` (e.g. a hash of the generator's options), derived from the file otherwise.
     """
 
     name: str
@@ -69,6 +71,7 @@ class Section:
     spot_pitch_um: float = 200.0
     image_path: Optional[Path] = None
     image_loader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
+    image_key: Optional[str] = None
 
     @property
     def n_spots(self) -> int:
@@ -77,6 +80,15 @@ class Section:
     @property
     def has_image(self) -> bool:
         return self.image_path is not None or self.image_loader is not None
+
+    def image_fingerprint(self) -> str:
+        """What identifies the image's content: the plugin's key, else the file's path, size and mtime."""
+        if self.image_key:
+            return self.image_key
+        if self.image_path is not None:
+            st = Path(self.image_path).stat()
+            return f"{Path(self.image_path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+        raise ValueError(f"section {self.name} has no image")
 
     def positions_um(self) -> np.ndarray:
         return positions_um(self)
@@ -117,6 +129,9 @@ class Slide:
     section: Optional[Section] = field(default=None, repr=False)
     prompt_idx: Optional[np.ndarray] = None
     prompt_expr: Optional[np.ndarray] = None
+    #: frozen image features prepared for the method's needs: "spot" (N, d), "neighbour" (N, 25, d) with
+    #: "neighbour_mask" (N, 25), "niche" (N, d); empty when the method needs no image features
+    features: dict = field(default_factory=dict)
 
     @property
     def n_spots(self) -> int:

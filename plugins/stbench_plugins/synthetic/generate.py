@@ -230,6 +230,8 @@ class SyntheticDataset(Dataset):
             spot_diameter_um=DIAMETER_PER_PITCH[o.lattice] * pitch,
             spot_pitch_um=pitch,
             image_loader=renderer if o.images else None,
+            # the image is a pure function of the options and the section: that is its cache identity
+            image_key=f"synthetic:{name}:{sorted(vars(o).items())}" if o.images else None,
         )
 
     # --- ground truth --------------------------------------------------------------------------------
