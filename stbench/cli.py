@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     check = dsub.add_parser("check", help="a QC summary of a dataset")
     check.add_argument("name")
     check.add_argument("--data-dir")
+    check.add_argument("--out", help="folder for the overview PNGs (default runs/qc-NAME)")
     return p
 
 
@@ -150,7 +151,7 @@ def cmd_leaderboard(args) -> int:
 def cmd_data_check(args) -> int:
     from stbench.datacheck import check_dataset
 
-    print(check_dataset(args.name, args.data_dir))
+    print(check_dataset(args.name, args.data_dir, args.out))
     return 0
 
 

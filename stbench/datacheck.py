@@ -25,7 +25,8 @@ def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
     return (list(genes), "dataset panel") if genes is not None else (None, "no panel")
 
 
-def check_dataset(name: str, data_dir: Optional[str] = None) -> str:
+def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
+    """The QC table of every section, and an overview PNG per imaged section under ``out_dir``."""
     from tabulate import tabulate
 
     from stbench.plugins import get_plugins
@@ -35,6 +36,9 @@ def check_dataset(name: str, data_dir: Optional[str] = None) -> str:
     dataset = resolve(spec.factory)(Path(data_dir).expanduser() if data_dir else None, options)
     panel, panel_name = _panel(name, dataset)
     rows = []
+    pictures = []
+    images = cfg.ImageConfig()
+    out = Path(out_dir) if out_dir else Path("runs") / f"qc-{name}"
     totals = {"spots": 0, "zero": 0, "without_counts": 0}
     for info in dataset.sections():
         s = dataset.load_section(info.name)
@@ -51,6 +55,10 @@ def check_dataset(name: str, data_dir: Optional[str] = None) -> str:
             mins = sub.min(axis=0).toarray().ravel()
             maxs = sub.max(axis=0).toarray().ravel()
             constant = str(int((mins == maxs).sum()))
+        if s.has_image and s.mpp:
+            from stbench.images.overview import draw_overview
+
+            pictures.append(draw_overview(s, out / f"{info.name}.png", images.spot_um, images.neighbour_grid))
         totals["spots"] += s.n_spots
         totals["zero"] += int((library == 0).sum())
         totals["without_counts"] += without
@@ -64,4 +72,6 @@ def check_dataset(name: str, data_dir: Optional[str] = None) -> str:
     summary = (f"dataset {name}: {len(rows)} sections, {n_patients} patients, {totals['spots']} spots, "
                f"{sum(r[4] == 'yes' for r in rows)} with images, {totals['zero']} zero-count spots, "
                f"{totals['without_counts']} spot-file rows without counts")
+    if pictures:
+        summary += f"\noverview pictures (spot centres, {images.spot_um:g} µm patches, neighbour grid): " + ", ".join(map(str, pictures))
     return tabulate(rows, headers=headers, tablefmt="simple") + "\n\n" + summary

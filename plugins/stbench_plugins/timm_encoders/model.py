@@ -70,13 +70,20 @@ def load_state_dict_safely(path) -> dict[str, torch.Tensor]:
                 warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError:
+            # torch words every refusal alike; a file that starts like neither torch.save's zip nor a
+            # pickle is garbage (an HTML error page, a text file), not a checkpoint with foreign objects
+            with open(path, "rb") as fh:
+                head = fh.read(4)
+            if not (head.startswith(b"PK") or head.startswith(b"\x80")):
+                raise DataError(f"{path} is not a PyTorch weights file (it starts with {head!r}); "
+                                f"re-download it or use a .safetensors file") from None
             raise DataError(
                 f"{path} holds arbitrary Python objects; stbench loads only plain tensors: convert it with "
-                f"`python -c \"import torch, safetensors.torch as s; sd = torch.load('{path}', weights_only=False); "
+                f"`python -c \"import torch, safetensors.torch as s; sd = torch.load('{path}', weights_only=False); sd = sd.get('state_dict', sd); "
                 f"s.save_file({{k: v.contiguous() for k, v in sd.items()}}, '{path.with_suffix('.safetensors')}')\"` "
                 f"(only if you trust where it came from) or use a .safetensors file"
             ) from None
-        except Exception as exc:  # not a zip/pickle at all: a truncated download, an HTML error page...
+        except Exception as exc:  # a truncated download, a corrupt zip...
             raise DataError(f"{path} is not a PyTorch weights file ({type(exc).__name__}: {_first_line(exc)}); "
                             f"re-download it or use a .safetensors file") from None
     else:
