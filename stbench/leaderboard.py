@@ -84,7 +84,11 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
             if "pcc_skipped" in per_fold:
                 row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
             rows.append(row)
-    meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs]}
+    encoders = {json.dumps(r["run"].get("encoder"), sort_keys=True) for r in runs if r["run"].get("encoder")}
+    if len(encoders) > 1:
+        raise ConfigError("the runs used different image encoders; a leaderboard compares one feature set")
+    meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs],
+            "encoder": json.loads(encoders.pop()) if encoders else None}
     return pd.DataFrame(rows), meta
 
 
@@ -97,6 +101,11 @@ def header_line(meta: dict) -> str:
     prompt = p.get("prompt", {})
     finetune = " fine-tuned on prompts" if p.get("finetune", {}).get("enabled") else ""
     date = _dt.date.today().isoformat()
+    enc = meta.get("encoder")
+    if enc:
+        label = " (RANDOM INITIALISATION)" if enc.get("weights_id") == "random-init" else ""
+        finetune += (f"; image features: encoder {enc.get('name')}{label}, weights {enc.get('weights_id')}, "
+                     f"{p.get('images', {}).get('spot_um')} µm patches at {enc.get('input_size')} px")
     return (
         f"stbench leaderboard: benchmark {p.get('benchmark')} v{p.get('version')}, dataset {p.get('dataset')}, "
         f"split {p.get('split')} (protocol level {p.get('protocol_level')}), {panel_text}, "

@@ -44,3 +44,22 @@ def test_her2_mean_and_prompt_knn_end_to_end(her2_dir, tmp_path, capsys):
     assert main(argv) == 0
     assert "16 method x fold units were already complete" in capsys.readouterr().err
     assert pd.read_csv(out / "results.csv").equals(res)
+
+
+def test_her2_image_methods_run_section_level_on_patient_c(her2_dir, tmp_path, capsys):
+    out = tmp_path / "img"
+    argv = ["run", "--methods", "ridge,prompt_knn,mean", "--dataset", "her2", "--data-dir", str(her2_dir), "--out", str(out), "--quiet"]
+    with pytest.warns(UserWarning) as record:
+        assert main(argv) == 0
+    messages = " ".join(str(w.message) for w in record)
+    assert "5 of 36 sections" in messages and "not independent" in messages
+    split = json.loads((out / "split.json").read_text())
+    assert split["split"] == "leave_one_section_out" and split["protocol_level"] == "section"
+    assert [f["test"] for f in split["folds"]] == [["C2"], ["C3"], ["C4"], ["C5"], ["C6"]]
+    res = pd.read_csv(out / "results.csv")
+    assert len(res) == 15
+    assert res[res["method"] == "ridge"]["pcc"].mean() > 0.1  # real H&E signal through the offline encoder
+    capsys.readouterr()
+    with pytest.warns(UserWarning):
+        assert main([*argv[:-1], "--out", str(tmp_path / "again")]) == 0  # features now come from the cache
+    assert pd.read_csv(tmp_path / "again" / "results.csv")["pcc"].equals(res["pcc"])
