@@ -124,7 +124,10 @@ def per_gene_pcc(pred: Any, truth: Any) -> np.ndarray:
     NaN where the truth column is constant or there are fewer than 2 spots; 0.0 where only the prediction
     is constant (see the module docstring).
     """
-    c = _centred(pred, truth)
+    return _pcc_from(_centred(pred, truth))
+
+
+def _pcc_from(c: "_Centred") -> np.ndarray:
     r = np.full(c.sp.shape, np.nan)
     if c.n < 2:
         return r
@@ -184,8 +187,8 @@ def _gene_mean(per_gene: np.ndarray) -> MetricValue:
 
 def _pcc_value(pred: Any, truth: Any) -> MetricValue:
     """Gene-mean PCC with the constant-prediction accounting of the module docstring."""
-    r = per_gene_pcc(pred, truth)
     c = _centred(pred, truth)
+    r = _pcc_from(c)
     value = _gene_mean(r)
     n_const = int((c.const_p & ~np.isnan(r)).sum())
     if value.n_genes and n_const == value.n_genes:

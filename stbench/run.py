@@ -208,9 +208,9 @@ class SlideStore:
         return self._fixed_panel
 
     def _check_panel(self, genes: list[str], source: str) -> None:
+        wanted = np.asarray(genes, dtype=str)
         for info in self.plan.sections:
-            present = set(self.section(info.name).genes)
-            missing = [g for g in genes if g not in present]
+            missing = wanted[~np.isin(wanted, np.asarray(self.section(info.name).genes, dtype=str))].tolist()
             if missing:
                 raise DataError(
                     f"{source} names {len(missing)} gene(s) absent from section {info.name} "

@@ -66,15 +66,17 @@ def normaliser(name: str) -> Callable[[sp.csr_matrix, np.ndarray], np.ndarray]:
 
 def make_slide(section: Section, genes: Sequence[str], normalisation: str) -> Slide:
     """Restrict a section to ``genes`` (in that order) and normalise it."""
-    index = {g: i for i, g in enumerate(section.genes)}
-    missing = [g for g in genes if g not in index]
+    import pandas as pd
+
+    cols = pd.Index(np.asarray(section.genes, dtype=str)).get_indexer(np.asarray(list(genes), dtype=str))
+    missing = [g for g, c in zip(genes, cols) if c < 0]
     if missing:
         raise DataError(
             f"gene panel names {len(missing)} gene(s) absent from section {section.name} "
             f"(e.g. {', '.join(missing[:5])}); use a panel of genes measured in every section "
             "(key panel) or check the gene symbols"
         )
-    cols = np.array([index[g] for g in genes], dtype=np.int64)
+    cols = cols.astype(np.int64)
     counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
     expr = normaliser(normalisation)(sp.csr_matrix(counts), cols).astype(np.float32)
     return Slide(

@@ -29,7 +29,7 @@ from stbench.images.encoder import Encoder
 from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes, um_to_px
 
 #: bump when extraction changes in a way that changes features
-EXTRACTION_VERSION = 1
+EXTRACTION_VERSION = 2
 #: patches cut and encoded per chunk (bounds memory: 1024 × 224² × 3 bytes ≈ 150 MB)
 CHUNK = 1024
 
@@ -54,9 +54,10 @@ def _open_image(section: Section, target_mpp: float):
     im = Image.open(section.image_path)
     width = im.size[0]
     if im.format == "JPEG" and section.mpp:
-        # reduce by 2, 4 or 8 while the decoded pixel stays finer than half the encoder's pixel
+        # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
+        # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
         factor = 1
-        while factor < 8 and section.mpp * factor * 2 <= target_mpp / 2:
+        while factor < 8 and section.mpp * factor * 2 <= target_mpp:
             factor *= 2
         if factor > 1:
             im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
