@@ -192,6 +192,11 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     expected = origin or hint
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string; a user writing --set lr=1e-3 means a number
+            return float(value)
+        except ValueError:
+            pass
     if expected in (int, float, str, bool, list, dict):
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
             raise ConfigError(f"{where}: expected {expected.__name__}, got {value!r}")

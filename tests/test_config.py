@@ -39,6 +39,11 @@ def test_unknown_key_names_the_layer_and_suggests(tmp_path):
         resolve_config("synthetic", str(f))
 
 
+def test_exponent_without_a_dot_is_a_float():
+    conf, _ = resolve_config("synthetic", sets=["prompt.ratio=1e-1"])
+    assert conf.prompt.ratio == 0.1
+
+
 def test_wrong_type_is_an_error():
     with pytest.raises(ConfigError, match="key 'seed': expected int"):
         resolve_config("synthetic", sets=["seed=abc"])

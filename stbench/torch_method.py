@@ -1,0 +1,60 @@
+"""A base class for torch methods that gives them the prompt fine-tuning protocol (METHODS.md §9.1).
+
+The protocol lives here, in the harness, not in each method: before a test slide is predicted, the
+harness copies the fold's fitted method and calls :meth:`Method.finetune` on the copy with the slide's
+prompt spots; :class:`TorchMethod` implements it once:
+
+* all trainable parameters are updated;
+* ``settings.epochs`` epochs (5 by default) over the prompt spots, in batches of
+  ``min(self.batch_size, #prompts)``, with no early stopping;
+* the method's own loss (:meth:`spot_loss`) and optimiser (:meth:`make_optimizer`);
+* learning rate ``settings.lr`` if given, else the method's own ``finetune_lr`` (its training rate
+  unless the method says otherwise: TRIPLEX uses 1e-6).
+
+This module imports torch; only methods that use it import it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stbench.method import FinetuneSettings, Method
+
+
+class TorchMethod(Method):
+    #: the fitted network (set by ``fit``)
+    model: torch.nn.Module = None
+    #: training learning rate, and the fine-tuning default
+    lr: float = 1e-4
+    #: training batch size in spots (fine-tuning batches are min(batch_size, #prompts))
+    batch_size: int = 256
+
+    @property
+    def finetune_lr(self) -> float:
+        return self.lr
+
+    def make_optimizer(self, params, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=lr)
+
+    def spot_loss(self, slide, spots: np.ndarray, truth: torch.Tensor) -> torch.Tensor:
+        """The method's training loss on ``spots`` (indices into the slide) against ``truth`` (S, G)."""
+        raise NotImplementedError
+
+    def finetune(self, slide, settings: FinetuneSettings) -> None:
+        prompts = np.asarray(slide.prompt_idx)
+        truth = torch.as_tensor(np.asarray(slide.prompt_expr), dtype=torch.float32)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.make_optimizer(params, settings.lr if settings.lr is not None else self.finetune_lr)
+        batch = max(1, min(self.batch_size, len(prompts)))
+        rng = np.random.default_rng(settings.seed)
+        self.model.train()
+        for _ in range(settings.epochs):
+            order = rng.permutation(len(prompts))
+            for start in range(0, len(order), batch):
+                pick = order[start : start + batch]
+                optimizer.zero_grad()
+                loss = self.spot_loss(slide, prompts[pick], truth[pick].to(next(self.model.parameters()).device))
+                loss.backward()
+                optimizer.step()
+        self.model.eval()

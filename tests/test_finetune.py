@@ -1,0 +1,116 @@
+"""The prompt fine-tuning protocol of METHODS.md §9.1, implemented once in the harness."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from stbench.benchmark import resolve_config
+from stbench.method import FinetuneSettings
+from stbench.plugins import load_plugins
+from stbench.run import execute, resolve_plan
+from stbench.specs import MethodSpec
+from stbench.torch_method import TorchMethod
+
+
+@dataclass
+class MLPConfig:
+    lr: float = 1e-2
+    epochs: int = 30
+
+
+class CoordMLP(TorchMethod):
+    """A tiny torch baseline: expression from spot coordinates (enough to test the protocol)."""
+
+    calls: list = []
+
+    def __init__(self, config):
+        self.config, self.lr, self.batch_size = config, config.lr, 32
+
+    def _x(self, slide, spots):
+        pos = slide.positions_um()[spots]
+        return torch.as_tensor((pos - pos.mean(0)) / 1000.0, dtype=torch.float32)
+
+    def spot_loss(self, slide, spots, truth):
+        return torch.nn.functional.mse_loss(self.model(self._x(slide, spots)), truth)
+
+    def make_optimizer(self, params, lr):
+        CoordMLP.calls.append(("optimizer", lr))
+        return super().make_optimizer(params, lr)
+
+    def fit(self, train, val, context):
+        torch.manual_seed(context.seed)
+        self.model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, len(context.genes)))
+        opt = torch.optim.Adam(self.model.parameters(), lr=self.lr)
+        for _ in range(self.config.epochs):
+            for s in train:
+                opt.zero_grad()
+                self.spot_loss(s, np.arange(s.n_spots), torch.as_tensor(s.expr)).backward()
+                opt.step()
+
+    def predict(self, slide):
+        with torch.no_grad():
+            return self.model(self._x(slide, np.arange(slide.n_spots))).numpy()
+
+
+def _plugins():
+    p = load_plugins(entry_points=False)
+    p.methods.add(MethodSpec("coord_mlp", CoordMLP, MLPConfig, needs=frozenset({"expression", "coords"})), "test", "test")
+    return p
+
+
+def _run(tmp_path, name, finetune, methods=("coord_mlp",), **ft):
+    shorthands = {"finetune": {"enabled": finetune, **ft}}
+    conf, base = resolve_config("synthetic", sets=["dataset_options.spots_per_section=80"], shorthands=shorthands)
+    out = tmp_path / name
+    execute(resolve_plan(conf, list(methods), out, _plugins(), base), verbose=False)
+    return pd.read_csv(out / "results.csv")
+
+
+def test_torch_baseline_is_fine_tuned_on_prompts_of_a_copy(tmp_path, monkeypatch):
+    CoordMLP.calls.clear()
+    steps = []
+    original = torch.optim.Adam.step
+
+    def counting_step(self, *a, **k):
+        steps.append(len(self.param_groups[0]["params"]))
+        return original(self, *a, **k)
+
+    plain = _run(tmp_path, "plain", False)
+    monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
+    tuned = _run(tmp_path, "tuned", True)
+    assert tuned["finetuned"].all() and not plain["finetuned"].any()
+    # one optimiser per test slide, at the method's own training rate, over all 4 parameter tensors
+    assert CoordMLP.calls == [("optimizer", 1e-2)] * 8
+    # 5 epochs over 8 prompt spots in one batch per test slide (+ the fold trainings)
+    train_steps = 4 * 30 * 4  # folds x epochs x training slides
+    assert len(steps) == train_steps + 8 * 5 and set(steps) == {4}
+    assert not np.allclose(plain["mse"], tuned["mse"])
+
+
+def test_finetune_learning_rate_and_epochs_are_settings(tmp_path):
+    CoordMLP.calls.clear()
+    _run(tmp_path, "lr", True, lr=1e-5, epochs=1)
+    assert {lr for _, lr in CoordMLP.calls} == {1e-5}
+
+
+def test_methods_that_declare_no_finetuning_are_not_finetuned(tmp_path):
+    res = _run(tmp_path, "mixed", True, methods=("coord_mlp", "prompt_knn"))
+    assert res.groupby("method")["finetuned"].all().to_dict() == {"coord_mlp": True, "prompt_knn": False}
+
+
+def test_finetune_on_the_method_does_not_touch_the_fold_model():
+    from stbench.method import FitContext
+    from test_phg2st import _slide  # a slide with features and coordinates
+
+    s = _slide()
+    m = CoordMLP(MLPConfig(epochs=2))
+    m.fit([s], [], FitContext(seed=0, genes=s.genes))
+    import copy
+
+    before = [p.detach().clone() for p in m.model.parameters()]
+    twin = copy.deepcopy(m)
+    twin.finetune(s.masked(np.arange(5)), FinetuneSettings(epochs=3))
+    assert all(torch.equal(a, b) for a, b in zip(before, m.model.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, twin.model.parameters()))
