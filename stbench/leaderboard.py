@@ -65,16 +65,18 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
             raise ConfigError(f"runs {runs[0]['dir']} and {other['dir']} used different protocols; a leaderboard compares one protocol")
     columns = columns or DEFAULT_COLUMNS
     rows = []
-    seen: set[str] = set()
+    configs: dict[str, list[dict]] = {}  # method -> the hyperparameters of each of its rows
     for run in runs:
         res, folds = run["results"], run["folds"]
         for method in list(dict.fromkeys(res["method"])):
-            if method in seen:
-                raise ConfigError(f"method {method} appears in more than one run directory")
-            seen.add(method)
+            config = run["run"].get("methods", {}).get(method, {})
+            if config in configs.get(method, []):
+                raise ConfigError(f"method {method} with the same settings appears in more than one run directory")
+            configs.setdefault(method, []).append(config)
             per_fold = res[res["method"] == method].groupby("fold").mean(numeric_only=True)
             fold_level = folds[folds["method"] == method].set_index("fold")
-            row = {"method": method, "folds": len(per_fold), "slides": int((res["method"] == method).sum())}
+            row = {"method": method, "folds": len(per_fold), "slides": int((res["method"] == method).sum()),
+                   "config": config}
             for col, _ in columns:
                 source = per_fold if col in per_fold else fold_level if col in fold_level else None
                 values = source[col].to_numpy(dtype=float) if source is not None else np.array([])
@@ -84,12 +86,36 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
             if "pcc_skipped" in per_fold:
                 row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
             rows.append(row)
+    # a method that appears with several settings (ablations) is labelled by what differs between them
+    for row in rows:
+        variants = configs[row["method"]]
+        if len(variants) > 1:
+            keys = sorted(k for k in row["config"] if len({json.dumps(v.get(k)) for v in variants}) > 1)
+            differing = ", ".join(f"{k}={row['config'][k]}" for k in keys)
+            row["method"] = f"{row['method']} ({differing})"
     encoders = {json.dumps(r["run"].get("encoder"), sort_keys=True) for r in runs if r["run"].get("encoder")}
     if len(encoders) > 1:
         raise ConfigError("the runs used different image encoders; a leaderboard compares one feature set")
     meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs],
-            "encoder": json.loads(encoders.pop()) if encoders else None}
-    return pd.DataFrame(rows), meta
+            "encoder": json.loads(encoders.pop()) if encoders else None, "configs": configs}
+    table = pd.DataFrame(rows)
+    return table.drop(columns="config"), meta
+
+
+def settings_lines(meta: dict, plugins) -> list[str]:
+    """One line per method whose settings differ from its config dataclass defaults (shared by all its rows)."""
+    import dataclasses
+
+    lines = []
+    for method, variants in meta.get("configs", {}).items():
+        if method not in plugins.methods:
+            continue
+        defaults = dataclasses.asdict(plugins.methods.get(method).config())
+        shared = {k: v for k, v in variants[0].items() if all(x.get(k) == v for x in variants) and defaults.get(k) != v}
+        if shared:
+            diffs = ", ".join(f"{k}={v} (default {defaults.get(k)})" for k, v in sorted(shared.items()))
+            lines.append(f"{method} settings: {diffs}")
+    return lines
 
 
 def header_line(meta: dict) -> str:
@@ -129,8 +155,8 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
     columns = [c for c in (columns or DEFAULT_COLUMNS) if f"{c[0]}:mean" in table]
     header = header_line(meta)
     if fmt == "csv":
-        out = table.copy()
-        return f"# {header}\n" + out.to_csv(index=False, float_format="%.6g")
+        notes = "".join(f"# {line}\n" for line in settings_lines(meta, plugins))
+        return f"# {header}\n" + notes + table.to_csv(index=False, float_format="%.6g")
     from tabulate import tabulate
 
     labels = ["method", "folds"]
@@ -144,13 +170,17 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
         cells += [_cell(row[f"{c}:mean"], row[f"{c}:std"]) for c, _ in columns]
         cells.append(f"{row.get('pcc_skipped', math.nan):.2f}")
         body.append(cells)
+    notes = settings_lines(meta, plugins)
     if fmt == "md":
-        return f"{header}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n"
+        footer = "".join(f"\n{line}\n" for line in notes)
+        return f"{header}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n" + footer
     if fmt == "html":
         import html
 
-        return f"<p>{html.escape(header)}</p>\n" + tabulate(body, headers=labels, tablefmt="html", disable_numparse=True) + "\n"
+        footer = "".join(f"<p>{html.escape(line)}</p>\n" for line in notes)
+        return f"<p>{html.escape(header)}</p>\n" + tabulate(body, headers=labels, tablefmt="html", disable_numparse=True) + "\n" + footer
     latex_body = [[str(c).replace("±", r"$\pm$").replace("_", r"\_") for c in r] for r in body]
     latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("@", r"@").replace("_", r"\_")
                     for lbl in labels]
-    return f"% {header}\n" + tabulate(latex_body, headers=latex_labels, tablefmt="latex_raw", disable_numparse=True) + "\n"
+    footer = "".join(f"% {line}\n" for line in notes)
+    return f"% {header}\n" + tabulate(latex_body, headers=latex_labels, tablefmt="latex_raw", disable_numparse=True) + "\n" + footer

@@ -69,3 +69,16 @@ def test_data_check_synthetic(capsys):
     out = capsys.readouterr().out
     assert "P1S1" in out and "zero-count spots" in out and "constant genes" in out
     assert "8 sections, 4 patients" in out
+
+
+def test_ablation_runs_are_labelled_by_their_differing_settings(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--methods", "prompt_knn,mean", "--out", str(a), "--quiet", "--set", "methods.prompt_knn.power=2"]) == 0
+    assert main(["run", "--methods", "prompt_knn", "--out", str(b), "--quiet", "--set", "methods.prompt_knn.k=3",
+                 "--set", "methods.prompt_knn.power=2"]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert "| prompt_knn (k=8)" in out and "| prompt_knn (k=3)" in out and "| mean " in out
+    assert "prompt_knn settings: power=2.0 (default 1.0)" in out
+    assert main(["leaderboard", str(a), str(a)]) == 2  # the same settings twice is a mistake

@@ -6,9 +6,13 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from stbench_plugins.phg2st.hypergraph import (HGConv, HypergraphConv, dense_spot_hypergraph,
-                                               neighbour_hypergraphs, spot_hypergraph)
+from stbench_plugins.phg2st.hypergraph import (
+    HGConv,
+    HypergraphConv,
+    dense_spot_hypergraph,
+    neighbour_hypergraphs,
+    spot_hypergraph,
+)
 
 
 def as_sets(edges, n):
@@ -59,7 +63,8 @@ def smooth_slide(n, dim, seed=0, noise=0.5):
 def test_four_spots_by_hand():
     # Sim pairs: 01=10 02=1 03=11 12=9 13=1 23=10 -> (s-1)/10; Pos |i-j| -> (d-1)/2
     # I: 01=.9 02=.5 03=2 12=.8 13=.5 23=.9
-    edges, weights = spot_hypergraph(np.array([[0.0], [10], [1], [11]]), np.array([[0, 0], [1, 0], [2, 0], [3, 0]]), k=2)
+    features, coords = np.array([[0.0], [10], [1], [11]]), np.array([[0, 0], [1, 0], [2, 0], [3, 0]])
+    edges, weights = spot_hypergraph(features, coords, k=2)
     np.testing.assert_array_equal(edges, [[0, 2, 1, 1, 3, 2, 2, 0, 1, 3, 1, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]])
     np.testing.assert_allclose(weights, [0.65, 0.675, 0.675, 0.65], atol=1e-6)
     assert weights.dtype == np.float32
@@ -190,7 +195,7 @@ def hypergraph():
 
 def dense_formula(conv, x, h, w, weighted_messages):
     """D⁻¹ H W B⁻¹ Hᵀ X Θ + b (W dropped from the messages for PyG), with 1/0 read as 0."""
-    inv = lambda t: torch.where(t == 0, 0.0, 1 / t)  # noqa: E731
+    inv = lambda t: torch.where(t == 0, 0.0, 1 / t)
     d, b = inv(h @ w), inv(h.sum(0))
     mid = torch.diag(b * w if weighted_messages else b)
     return torch.diag(d) @ h @ mid @ h.T @ x @ conv.lin.weight.T + conv.bias

@@ -20,7 +20,6 @@ Hyperedge incidences are PyG's layout: row 0 = node ids, row 1 = hyperedge ids.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import numpy as np
 import torch
@@ -79,7 +78,7 @@ def _diag(rows: slice):
 
 
 def _normalisers(smin, smax, pmin, pmax):
-    scale = lambda lo, hi: 1.0 / (hi - lo) if hi > lo else 0.0  # noqa: E731 (a constant term is 0)
+    scale = lambda lo, hi: 1.0 / (hi - lo) if hi > lo else 0.0
     smin, smax, pmin, pmax = map(float, (smin, smax, pmin, pmax))
     return smin, scale(smin, smax), pmin, scale(pmin, pmax)
 
@@ -135,7 +134,7 @@ def dense_spot_hypergraph(features: np.ndarray, coords: np.ndarray, k: int = 4):
 
 
 def spot_hypergraph(features: np.ndarray, coords: np.ndarray, k: int = 4, exact_limit: int = 4000,
-                    n_candidates: int = 32, *, chunk: Optional[int] = None, seed: int = 0):
+                    n_candidates: int = 32, *, chunk: int | None = None, seed: int = 0):
     """Slide-level spot hypergraph of PHG2ST (METHODS.md §8.2 (2), reconstruction [INF], AMB-20).
 
     Args:
@@ -260,7 +259,7 @@ def _approximate(x, c, k, m, seed):
 # per-spot neighbour hypergraphs
 
 
-def neighbour_hypergraphs(features: Tensor, mask: Optional[Tensor] = None, k: int = 4) -> Tensor:
+def neighbour_hypergraphs(features: Tensor, mask: Tensor | None = None, k: int = 4) -> Tensor:
     """One hypergraph per spot on its sub-patch nodes (METHODS.md §8.2 (4)).
 
     Node u of spot b has id b·n + u (n = 25 for a 5×5 grid); its hyperedge has the same id and holds
@@ -302,8 +301,8 @@ class HGConv(HypergraphConv):
         if self.use_attention and not pyg_compat:
             raise ValueError("HGConv: pyg_compat=False does not support attention")
 
-    def forward(self, x: Tensor, hyperedge_index: Tensor, hyperedge_weight: Optional[Tensor] = None,
-                hyperedge_attr: Optional[Tensor] = None, num_edges: Optional[int] = None) -> Tensor:
+    def forward(self, x: Tensor, hyperedge_index: Tensor, hyperedge_weight: Tensor | None = None,
+                hyperedge_attr: Tensor | None = None, num_edges: int | None = None) -> Tensor:
         if self.pyg_compat:
             return super().forward(x, hyperedge_index, hyperedge_weight, hyperedge_attr, num_edges)
         n = x.size(0)
@@ -315,7 +314,7 @@ class HGConv(HypergraphConv):
         nodes, edges = hyperedge_index
         deg = scatter(hyperedge_weight[edges], nodes, dim=0, dim_size=n, reduce="sum")
         size = scatter(x.new_ones(edges.numel()), edges, dim=0, dim_size=num_edges, reduce="sum")
-        inv = lambda t: torch.where(t == 0, torch.zeros_like(t), 1.0 / t)  # noqa: E731 (empty → 0, as PyG)
+        inv = lambda t: torch.where(t == 0, torch.zeros_like(t), 1.0 / t)
         # the one difference from PyG: the node → hyperedge step is scaled by w_e / |e|, not 1 / |e|
         out = self.propagate(hyperedge_index, x=x, norm=inv(size) * hyperedge_weight, alpha=None,
                              size=(n, num_edges))
