@@ -58,5 +58,9 @@ def resolve_config(dataset: Optional[str] = None, config_file: Optional[str] = N
     merged: dict = {}
     for source, layer in layers:
         cfg.check_keys(layer, cfg.RunConfig, source)
+        panel = layer.get("panel")
+        if isinstance(panel, dict) and len({"file", "hvg"} & set(panel)) == 1:
+            # a panel is a file or a computed HVG set: a later layer choosing one replaces the other
+            layer = {**layer, "panel": {"file": None, "hvg": None, **panel}}
         merged = cfg.merge(merged, layer)
     return cfg.build(cfg.RunConfig, merged, "resolved config"), base_dir

@@ -40,6 +40,8 @@ class FitContext:
     #: the run's prompt settings, for methods that simulate prompts while training (PHG2ST)
     prompt_ratio: float = 0.1
     prompt_strategy: str = "random"
+    #: the registered strategy itself (a PromptSpec), so plugin strategies work inside methods too
+    prompt_selector: Any = None
     #: resources prepared for the method's declared needs (e.g. an image-feature provider)
     resources: dict = field(default_factory=dict)
 

@@ -40,6 +40,8 @@ from stbench.splits import Fold, check_folds
 IMAGE_NEEDS = {"image", "image_patches", "image_features", "neighbour_features", "niche_features"}
 #: needs met by frozen encoder features, and the patch kind each asks for
 FEATURE_KINDS = {"image_features": "spot", "neighbour_features": "neighbour", "niche_features": "niche"}
+#: what identifies an encoder's features (batch size and device do not change them)
+ENCODER_IDENTITY = ("name", "weights_id", "input_size", "dim", "precision")
 
 
 @dataclass
@@ -76,6 +78,11 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     if config.panel.file and config.panel.hvg:
         raise ConfigError("panel: give either file or hvg, not both")
 
+    from stbench.data.expression import normaliser
+
+    normaliser(config.normalisation)
+    for name, mconf in methods.items():  # a method rejects bad settings when built: before anything is written
+        resolve(plugins.methods.get(name).factory)(copy.deepcopy(mconf))
     dspec = plugins.datasets.get(config.dataset, "option --dataset")
     options = cfg.build(dspec.options, config.dataset_options, "dataset_options") if dspec.options else None
     if config.dataset_options and not dspec.options:
@@ -122,6 +129,24 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
 # provenance
 
 
+def _git_revision() -> Optional[str]:
+    try:
+        root = Path(stbench.__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return rev.stdout.strip() if rev.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_REVISION: list = []
+
+
+def _GIT_REVISION() -> Optional[str]:  # noqa: N802 - computed once per process
+    if not _REVISION:
+        _REVISION.append(_git_revision())
+    return _REVISION[0]
+
+
 def versions() -> dict:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "stbench": stbench.__version__}
     for pkg in ("numpy", "scipy", "pandas", "anndata", "pluggy", "torch", "timm", "peft", "torch-geometric"):
@@ -129,12 +154,7 @@ def versions() -> dict:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
-    try:
-        root = Path(stbench.__file__).resolve().parents[1]
-        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        out["stbench_git"] = rev.stdout.strip() if rev.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        out["stbench_git"] = None
+    out["stbench_git"] = _GIT_REVISION()
     return out
 
 
@@ -145,12 +165,22 @@ def _protocol(config: cfg.RunConfig) -> dict:
     return out
 
 
+def _fold_record(plan: Plan) -> list:
+    patient_of = {s.name: s.patient for s in plan.sections}
+    return [f.to_dict(patient_of) for f in plan.folds]
+
+
 def _check_resumable(run: RunDir, plan: Plan) -> None:
     """A run directory holds one protocol; a rerun with another protocol would mix results."""
     old = run.read_json("run.json")
     if old is None:
         return
     new = _protocol(plan.config)
+    if old.get("folds") is not None and old["folds"] != _fold_record(plan):
+        raise ConfigError(
+            f"output directory {plan.out_dir} holds folds over other sections (the methods or the data changed "
+            "which sections are usable, e.g. images); use a new --out"
+        )
     if old.get("protocol") != new:
         diff = [k for k in new if old.get("protocol", {}).get(k) != new[k]]
         raise ConfigError(
@@ -159,7 +189,8 @@ def _check_resumable(run: RunDir, plan: Plan) -> None:
         )
     for name, mconf in plan.methods.items():
         done = old.get("methods", {}).get(name)
-        if done is not None and done != cfg.to_dict(mconf):
+        finished = any(run.is_done(name, f.index) for f in plan.folds)  # settings of a method that never finished a fold may change
+        if finished and done is not None and done != cfg.to_dict(mconf):
             raise ConfigError(
                 f"output directory {plan.out_dir} holds results of method {name} with other hyperparameters "
                 f"({done} vs {cfg.to_dict(mconf)}); use a new --out"
@@ -191,7 +222,11 @@ class SlideStore:
         if pconf.hvg:
             key = fold.train + fold.val
             if key not in self._fold_panels:  # chosen on the fold's training side only
-                self._fold_panels[key] = highly_variable_genes([self.section(s) for s in key], int(pconf.hvg))
+                if not hasattr(self, "_measured_everywhere"):  # test sections must have the chosen genes
+                    genes = [set(np.asarray(self.section(i.name).genes, dtype=str)) for i in self.plan.sections]
+                    self._measured_everywhere = set.intersection(*genes)
+                self._fold_panels[key] = highly_variable_genes([self.section(s) for s in key], int(pconf.hvg),
+                                                               candidates=self._measured_everywhere)
             return self._fold_panels[key]
         if self._fixed_panel is None:
             if pconf.file:
@@ -309,10 +344,10 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))
     method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
-    record = {"protocol": _protocol(config), "methods": method_configs}
+    record = {"protocol": _protocol(config), "methods": method_configs, "folds": _fold_record(plan)}
     encoder = old.get("encoder")
     if plan.encoder is not None:
-        encoder = plan.encoder.describe()
+        encoder = {k: v for k, v in plan.encoder.describe().items() if k in ENCODER_IDENTITY}
         if old.get("encoder") not in (None, encoder):
             raise ConfigError(f"output directory {plan.out_dir} holds results computed with encoder {old['encoder']}; "
                               f"this run uses {encoder}; use a new --out")
@@ -367,11 +402,12 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     train = [store.slide(s, genes) for s in fold.train]
     val = [store.slide(s, genes) for s in fold.val]
     tests = [store.slide(s, genes) for s in fold.test]
-    _seed_everything(config.seed)
     method: Method = resolve(spec.factory)(copy.deepcopy(plan.methods[method_name]))
+    _seed_everything(config.seed)  # after building: the factory may be what imports torch
     workdir = plan.out_dir / "work" / method_name / f"fold{fold.index}"
     context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, workdir=workdir,
-                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy)
+                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
+                         prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
     method.fit(train, val, context)
     finetune = config.finetune.enabled and spec.finetune and type(method).supports_finetune()
     settings = FinetuneSettings(epochs=config.finetune.epochs, lr=config.finetune.lr, seed=config.seed)
@@ -411,7 +447,7 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
     fold_row = {"method": method_name, "fold": fold.index, "test_slides": ",".join(fold.test),
                 "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
-                "fit_summary": json.dumps(method.summary(), default=str)}
+                "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": _GIT_REVISION()}
     for m in (m for m in metric_specs if m.level == "fold"):
         func = resolve(m.func)
         fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx)))

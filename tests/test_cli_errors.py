@@ -136,3 +136,19 @@ def test_real_process_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("stbench: error: unknown method 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_method_setting_or_normalisation_stops_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "o"
+    _fails(capsys, ["run", "--methods", "ridge", "--set", "methods.ridge.select_by=r2", "--out", str(out)], "methods.ridge.select_by")
+    assert not out.exists()
+    _fails(capsys, ["run", "--methods", "mean", "--set", "normalisation=cpm_log1", "--out", str(out)], "normalisation")
+    assert not out.exists()
+
+
+def test_resume_over_other_sections_is_refused(layout, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(_run_her2(layout, out)) == 0
+    write_her2_layout(layout, sections=("D1",), seed=3)  # the data folder gained a patient
+    capsys.readouterr()
+    _fails(capsys, _run_her2(layout, out), "other sections")

@@ -25,6 +25,11 @@ def test_precedence_defaults_benchmark_file_set_flags(tmp_path):
     assert (conf.seed, conf.prompt.ratio) == (5, 0.3)
 
 
+def test_a_later_panel_choice_replaces_the_benchmark_panel():
+    conf, _ = resolve_config("her2", sets=["panel.hvg=200"])
+    assert conf.panel.hvg == 200 and conf.panel.file is None
+
+
 def test_dataset_without_definition_uses_defaults():
     conf, base = resolve_config("mydata")
     assert conf.dataset == "mydata" and base is None and conf.split == "leave_one_patient_out"

@@ -78,3 +78,13 @@ def test_shipped_her2_panel_matches_the_published_file():
     assert len(shipped) == 785 and "ERBB2" not in shipped
     if published.exists():
         assert shipped == read_panel_file(published)
+
+
+def test_hvg_candidates_restrict_the_choice():
+    rng = np.random.default_rng(1)
+    genes = [f"g{i}" for i in range(100)]
+    c = rng.poisson(rng.uniform(2, 50, 100), size=(150, 100))
+    c[:, 0] = rng.poisson(30, 150) * rng.integers(0, 2, 150) * 6
+    train = [_section(c, genes)]
+    assert "g0" in highly_variable_genes(train, 5)
+    assert "g0" not in highly_variable_genes(train, 5, candidates=set(genes[1:]))

@@ -71,7 +71,7 @@ def test_tiny_phg2st_overfits_a_tiny_slide():
 
 @pytest.mark.parametrize("change", [dict(use_spot_hypergraph=False), dict(use_neighbour_hypergraph=False),
                                     dict(use_prompt=False), dict(hgnn_variant="code", fusion="code", heads="code", prompt_residual=True),
-                                    dict(pyg_compat=False), dict(loss_on="non_prompt")])
+                                    dict(pyg_compat=True), dict(loss_on="non_prompt")])
 def test_variants_and_ablations_train_and_predict(change):
     s = _slide(seed=2)
     m = _fit(PHG2STConfig(**{**TINY, **change}), [s], [_slide(seed=3, name="V")])

@@ -197,3 +197,14 @@ def test_unknown_method_config_key_is_an_error(tmp_path):
     conf, base = resolve_config("synthetic", sets=["methods.prompt_knn.kk=3"])
     with pytest.raises(ConfigError, match="did you mean 'k'"):
         resolve_plan(conf, ["prompt_knn"], tmp_path / "x", load_plugins(entry_points=False), base)
+
+
+def test_masked_slide_hides_the_raw_counts_too():
+    from stbench.data.expression import make_slide
+    from stbench_plugins.synthetic.generate import open_synthetic
+
+    ds = open_synthetic(None, None)
+    slide = make_slide(ds.load_section("P1S1"), ds.default_panel(), "cpm_log1p")
+    masked = slide.masked(np.arange(5))
+    assert masked.expr is None and masked.section.counts is None and masked.has_image
+    assert slide.section.counts is not None  # the harness's own copy keeps them

@@ -114,16 +114,20 @@ def read_panel_file(path) -> list[str]:
     return genes
 
 
-def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int = 20) -> list[str]:
+def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int = 20,
+                          candidates: "set[str] | None" = None) -> list[str]:
     """Seurat-flavour HVGs computed on the given (training) sections only.
 
     Genes measured in every section; each spot normalised to the median library size, log1p; per
     gene mean and dispersion (variance / mean) pooled over spots; dispersions z-scored within
-    ``n_bins`` bins of mean expression; the ``n_top`` highest, ties broken by name.
+    ``n_bins`` bins of mean expression; the ``n_top`` highest, ties broken by name. ``candidates``
+    restricts the choice (the harness passes the genes measured in every section of the run).
     """
     common = set(sections[0].genes)
     for s in sections[1:]:
         common &= set(s.genes)
+    if candidates is not None:  # e.g. genes measured in every section, so test slides have them too
+        common &= set(candidates)
     genes = sorted(common)
     if n_top > len(genes):
         raise ConfigError(f"panel.hvg asks for {n_top} genes but only {len(genes)} are measured in every training section")

@@ -118,6 +118,7 @@ class FeatureStore:
             "pitch_um": section.spot_pitch_um, "kind": spec.kind, "size_um": spec.size_um, "grid": spec.grid,
             "encoder": self.encoder_name, "weights": self.encoder.weights_id,
             "input_size": self.encoder.input_size, "min_inside": self.min_inside,
+            "precision": self.encoder.describe().get("precision", "float32"),
         }
 
     def path(self, section: Section, spec: PatchSpec) -> Path:

@@ -10,8 +10,9 @@ Deviations and choices (each an option where the sources disagree):
 * Hypergraph construction, normalisation and hyperedge weights follow the [INF] reconstruction of
   METHODS.md §8.2(2) (AMB-20); the code's construction (4 spatial neighbours + the most dissimilar
   spot, per-incidence weights) is a documented bug-prone variant and is not implemented.
-* ``pyg_compat=True`` (default when reproducing PHG2ST): hyperedge weights only enter PyG's degree
-  matrix, as torch-geometric's HypergraphConv does; False applies the documented formula.
+* ``pyg_compat=False`` (default, Harness decision 8) applies the documented formula
+  X′ = D⁻¹ H W B⁻¹ Hᵀ X Θ; ``pyg_compat=True`` reproduces torch-geometric's HypergraphConv, where the
+  hyperedge weights only enter the degree matrix (METHODS.md §3 suggests it when reproducing PHG2ST).
 * Input features are standardised with training statistics and projected to ``dim`` when their width
   differs (the paper uses UNI features at D = d = 1024, where the projection is skipped).
 * Slides with more than ``max_spots`` spots are processed in spatially contiguous chunks (as the PH2ST
@@ -63,8 +64,9 @@ class PHG2STConfig:
     #: "all" spots (PH2ST code) or "non_prompt" spots in the loss (AMB-23)
     loss_on: str = "all"
     # -- source variants ---------------------------------------------------------------------------
-    #: PyG's hyperedge-weight handling (weights only in the degree matrix), METHODS.md §3
-    pyg_compat: bool = True
+    #: True: PyG's hyperedge-weight handling (weights only in the degree matrix), METHODS.md §3. The
+    #: default is the documented formula (Harness decision 8: a source quirk is an option, not the default)
+    pyg_compat: bool = False
     #: "paper": Dropout(LN(ReLU(HGConv))); "code": two HGConv layers with a residual (PH2ST code,
     #: without its eval-time dropout bug)
     hgnn_variant: str = "paper"

@@ -153,13 +153,14 @@ class PHG2ST(Method):
         key = slide.name
         if key in self._chunks:
             return self._chunks[key]
-        spot = self._standardise(slide.features["spot"])
-        nb = self._standardise(slide.features["neighbour"])
+        raw_spot, raw_nb = slide.features["spot"], slide.features["neighbour"]
+        spot, nb = self._standardise(raw_spot), self._standardise(raw_nb)
         nb_mask = slide.features["neighbour_mask"].astype(bool)
         pos = slide.positions_um()
         chunks = []
         for part in spatial_chunks(pos, self.config.max_spots):
-            edges, weights = spot_hypergraph(spot[part], pos[part], k=self.config.k)
+            # hyperedges from Euclidean distances between the encoder's own features (§8.2 (2), (4))
+            edges, weights = spot_hypergraph(raw_spot[part].astype(np.float32), pos[part], k=self.config.k)
             nb_t = torch.from_numpy(nb[part])
             mask_t = torch.from_numpy(nb_mask[part])
             tensors = {
@@ -169,7 +170,7 @@ class PHG2ST(Method):
                 "grid": torch.from_numpy(np.asarray(slide.grid[part], dtype=np.int64)),
                 "spot_edges": torch.from_numpy(np.asarray(edges, dtype=np.int64)),
                 "spot_weights": torch.from_numpy(np.asarray(weights, dtype=np.float32)),
-                "nb_edges": neighbour_hypergraphs(nb_t, mask_t, k=self.config.k),
+                "nb_edges": neighbour_hypergraphs(torch.from_numpy(raw_nb[part].astype(np.float32)), mask_t, k=self.config.k),
             }
             chunks.append(Chunk(part, {k: v.to(self.device) for k, v in tensors.items()}))
         self._chunks[key] = chunks
@@ -197,7 +198,8 @@ class PHG2ST(Method):
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
         work = [(s, c) for s in train for c in self._prepare(s)]
-        self._val_prompts = {s.name: select_prompts(context.prompt_strategy, s.positions_um(), context.prompt_ratio, s.name, context.seed)
+        strategy = context.prompt_selector or context.prompt_strategy
+        self._val_prompts = {s.name: select_prompts(strategy, s.positions_um(), context.prompt_ratio, s.name, context.seed)
                              for s in val}
         best, best_state, stale = -math.inf, None, 0
         for epoch in range(cfg.epochs):
