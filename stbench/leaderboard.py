@@ -63,6 +63,8 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
     for other in runs[1:]:
         if other["run"]["protocol"] != protocol:
             raise ConfigError(f"runs {runs[0]['dir']} and {other['dir']} used different protocols; a leaderboard compares one protocol")
+        if other["run"].get("folds") != runs[0]["run"].get("folds"):
+            raise ConfigError(f"runs {runs[0]['dir']} and {other['dir']} used different folds; a leaderboard compares the same test sets")
     columns = columns or DEFAULT_COLUMNS
     rows = []
     configs: dict[str, list[dict]] = {}  # method -> the hyperparameters of each of its rows
