@@ -88,11 +88,12 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
             if "pcc_skipped" in per_fold:
                 row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
             rows.append(row)
-    # a method that appears with several settings (ablations) is labelled by what differs between them
+    # a method that appears with several settings (ablations) is labelled by how each row differs
+    # from its first appearance (the reference, e.g. the full model)
     for row in rows:
-        variants = configs[row["method"]]
-        if len(variants) > 1:
-            keys = sorted(k for k in row["config"] if len({json.dumps(v.get(k)) for v in variants}) > 1)
+        reference = configs[row["method"]][0]
+        keys = sorted(k for k in row["config"] if row["config"].get(k) != reference.get(k))
+        if keys:
             differing = ", ".join(f"{k}={row['config'][k]}" for k in keys)
             row["method"] = f"{row['method']} ({differing})"
     encoders = {json.dumps(r["run"].get("encoder"), sort_keys=True) for r in runs if r["run"].get("encoder")}
