@@ -128,7 +128,9 @@ def header_line(meta: dict) -> str:
     panel_text = (f"panel {panel.get('file')}" if panel.get("file") else
                   f"panel {panel.get('hvg')} HVGs per fold (training sections)" if panel.get("hvg") else "dataset panel")
     prompt = p.get("prompt", {})
-    finetune = " fine-tuned on prompts" if p.get("finetune", {}).get("enabled") else ""
+    ft = p.get("finetune", {})
+    finetune = (f"; methods that allow it are fine-tuned on each test slide's prompts ({ft.get('epochs')} epochs)"
+                if ft.get("enabled") else "")
     date = _dt.date.today().isoformat()
     enc = meta.get("encoder")
     if enc:
