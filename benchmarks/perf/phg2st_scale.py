@@ -44,7 +44,7 @@ def main():
 
     from stbench.method import FitContext
     from stbench_plugins.phg2st import PHG2STConfig
-    from stbench_plugins.phg2st.model import PHG2ST
+    from stbench_plugins.phg2st.model import PHG2ST, spatial_chunks
 
     t = time.perf_counter()
     slide = make_slide(args.spots)
@@ -57,7 +57,7 @@ def main():
     t = time.perf_counter()
     pred = method.predict(slide.masked(np.sort(prompts)))
     t_predict = time.perf_counter() - t
-    figures = {"spots": args.spots, "dim": args.dim, "chunks": -(-args.spots // 2048),
+    figures = {"spots": args.spots, "dim": args.dim, "chunks": len(spatial_chunks(slide.positions_um(), method.config.max_spots)),
                "generate_s": t_make, "one_epoch_s_incl_hypergraphs": t_epoch, "predict_s_incl_hypergraphs": t_predict,
                "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, "finite": bool(np.isfinite(pred).all())}
     print(json.dumps(figures, indent=2))
