@@ -1,6 +1,5 @@
 """PHG2ST building blocks against the specification (METHODS.md §3, §8)."""
 
-import numpy as np
 import pytest
 import torch
 
