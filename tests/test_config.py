@@ -8,7 +8,13 @@ from stbench.errors import ConfigError
 
 
 def test_benchmarks_ship_with_the_package():
-    assert {"her2", "synthetic"} <= set(available())
+    assert {"her2", "her2_images", "synthetic"} <= set(available())
+
+
+def test_her2_images_declares_the_section_level_protocol():
+    conf, base = resolve_config("her2_images")
+    assert (conf.dataset, conf.split, conf.protocol_level) == ("her2", "leave_one_section_out", "section")
+    assert (base / conf.panel.file).resolve() == (base.parent / "her2" / "her2st_785.txt").resolve()
 
 
 def test_precedence_defaults_benchmark_file_set_flags(tmp_path):
