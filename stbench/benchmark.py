@@ -64,3 +64,9 @@ def resolve_config(dataset: Optional[str] = None, config_file: Optional[str] = N
             layer = {**layer, "panel": {"file": None, "hvg": None, **panel}}
         merged = cfg.merge(merged, layer)
     return cfg.build(cfg.RunConfig, merged, "resolved config"), base_dir
+
+
+def panel_path(panel_file: str, base_dir: Optional[Path]) -> Path:
+    """A config's ``panel.file``: absolute, or relative to the benchmark definition that named it."""
+    path = Path(panel_file)
+    return path if path.is_absolute() or base_dir is None else base_dir / path

@@ -86,9 +86,7 @@ def cmd_run(args) -> int:
 
     plugins = get_plugins()
     config, base_dir = resolve_config(args.dataset, args.config, args.set, _shorthands(args))
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if len(set(methods)) != len(methods):
-        methods = list(dict.fromkeys(methods))
+    methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # unique, in order
     out = Path(args.out) if args.out else Path("runs") / f"{config.benchmark}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     plan = resolve_plan(config, methods, out, plugins, base_dir)
     print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "

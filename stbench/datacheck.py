@@ -14,13 +14,12 @@ from stbench.specs import resolve
 
 
 def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
-    """The gene panel of the benchmark definition of this dataset, if any, for constant-gene counts."""
-    definition = benchmark.find(name)
-    if definition is not None:
-        conf = cfg.read_yaml(definition, "benchmark definition")
-        panel_file = (conf.get("panel") or {}).get("file")
-        if panel_file:
-            return read_panel_file(definition.parent / panel_file), f"panel {panel_file}"
+    """The gene panel a run of this benchmark would use (its panel file, else the dataset's panel),
+    for the constant-gene counts; resolved exactly as ``stbench run --dataset NAME`` resolves it."""
+    conf, base = benchmark.resolve_config(name)
+    if conf.panel.file:
+        path = benchmark.panel_path(conf.panel.file, base)
+        return read_panel_file(path), f"panel {path.name}"
     genes = dataset.default_panel()
     return (list(genes), "dataset panel") if genes is not None else (None, "no panel")
 

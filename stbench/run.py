@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -25,6 +26,7 @@ import numpy as np
 import stbench
 from stbench import atomic
 from stbench import config as cfg
+from stbench.benchmark import panel_path
 from stbench.data.expression import UNITS, highly_variable_genes, make_slide, read_panel_file
 from stbench.data.model import Section, SectionInfo, Slide
 from stbench.errors import ConfigError, DataError
@@ -129,22 +131,15 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
 # provenance
 
 
-def _git_revision() -> Optional[str]:
+@functools.lru_cache(maxsize=1)
+def git_revision() -> Optional[str]:
+    """The stbench source revision (computed once per process), or None outside a git checkout."""
     try:
         root = Path(stbench.__file__).resolve().parents[1]
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         return rev.stdout.strip() if rev.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-_REVISION: list = []
-
-
-def _GIT_REVISION() -> Optional[str]:  # noqa: N802 - computed once per process
-    if not _REVISION:
-        _REVISION.append(_git_revision())
-    return _REVISION[0]
 
 
 def versions() -> dict:
@@ -154,7 +149,7 @@ def versions() -> dict:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
-    out["stbench_git"] = _GIT_REVISION()
+    out["stbench_git"] = git_revision()
     return out
 
 
@@ -211,6 +206,7 @@ class SlideStore:
         self._fixed_panel: Optional[list[str]] = None
         self._fold_panels: dict[tuple, list[str]] = {}
         self._features: dict[str, dict] = {}
+        self._measured_everywhere: Optional[set] = None
 
     def section(self, name: str) -> Section:
         if name not in self._sections:
@@ -222,7 +218,7 @@ class SlideStore:
         if pconf.hvg:
             key = fold.train + fold.val
             if key not in self._fold_panels:  # chosen on the fold's training side only
-                if not hasattr(self, "_measured_everywhere"):  # test sections must have the chosen genes
+                if self._measured_everywhere is None:  # test sections must have the chosen genes
                     genes = [set(np.asarray(self.section(i.name).genes, dtype=str)) for i in self.plan.sections]
                     self._measured_everywhere = set.intersection(*genes)
                 self._fold_panels[key] = highly_variable_genes([self.section(s) for s in key], int(pconf.hvg),
@@ -230,9 +226,7 @@ class SlideStore:
             return self._fold_panels[key]
         if self._fixed_panel is None:
             if pconf.file:
-                path = Path(pconf.file)
-                if not path.is_absolute() and self.plan.base_dir is not None:
-                    path = self.plan.base_dir / path
+                path = panel_path(pconf.file, self.plan.base_dir)
                 genes, source = read_panel_file(path), f"gene panel file {path}"
             else:
                 genes, source = self.plan.dataset.default_panel(), f"dataset {self.plan.config.dataset}'s panel"
@@ -447,7 +441,7 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
     fold_row = {"method": method_name, "fold": fold.index, "test_slides": ",".join(fold.test),
                 "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
-                "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": _GIT_REVISION()}
+                "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": git_revision()}
     for m in (m for m in metric_specs if m.level == "fold"):
         func = resolve(m.func)
         fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx)))

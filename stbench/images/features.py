@@ -26,7 +26,7 @@ import numpy as np
 from stbench import atomic
 from stbench.data.model import Section
 from stbench.images.encoder import Encoder
-from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes, um_to_px
+from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes
 
 #: bump when extraction changes in a way that changes features
 EXTRACTION_VERSION = 2
@@ -82,18 +82,6 @@ def _cut(image, box: np.ndarray, scale: float, out: int) -> np.ndarray:
     return np.asarray(canvas.resize((out, out), Image.BILINEAR))
 
 
-def image_size(section: Section) -> tuple[int, int]:
-    """(width, height) of the full-resolution image without decoding it."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None
-    if section.image_path is not None:
-        with Image.open(section.image_path) as im:
-            return im.size
-    h, w = section.read_image().shape[:2]
-    return w, h
-
-
 class FeatureStore:
     """Computes and caches encoder features of sections, per patch kind."""
 
@@ -121,8 +109,9 @@ class FeatureStore:
             "precision": self.encoder.describe().get("precision", "float32"),
         }
 
-    def path(self, section: Section, spec: PatchSpec) -> Path:
-        digest = hashlib.sha256(json.dumps(self.key(section, spec), sort_keys=True).encode()).hexdigest()[:16]
+    def path(self, section: Section, spec: PatchSpec, key: Optional[dict] = None) -> Path:
+        key = self.key(section, spec) if key is None else key
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         return self.root / section.name / f"{spec.kind}-{self.encoder_name}-{digest}.npz"
 
     def _load(self, path: Path, key: dict, n_spots: int, n_sub: int) -> Optional[FeatureSet]:
@@ -151,9 +140,9 @@ class FeatureStore:
         """Features of every requested kind; the image is decoded at most once, only on a cache miss."""
         out: dict[str, FeatureSet] = {}
         missing = []
+        keys = {spec: self.key(section, spec) for spec in specs}  # hashes the spot centres: once per kind
         for spec in specs:
-            key = self.key(section, spec)
-            cached = self._load(self.path(section, spec), key, section.n_spots, spec.n_sub)
+            cached = self._load(self.path(section, spec, keys[spec]), keys[spec], section.n_spots, spec.n_sub)
             if cached is None:
                 missing.append(spec)
             else:
@@ -168,7 +157,7 @@ class FeatureStore:
             try:
                 for spec in missing:
                     fs = self._compute(section, spec, image, scale)
-                    self._save(self.path(section, spec), self.key(section, spec), fs)
+                    self._save(self.path(section, spec, keys[spec]), keys[spec], fs)
                     out[spec.kind] = fs
                     self.computed += 1
             finally:
@@ -190,9 +179,3 @@ class FeatureStore:
         n, n_sub = mask.shape
         return FeatureSet(feats.reshape(n, n_sub, -1), mask)
 
-
-def patch_size_px(section: Section, spec: PatchSpec) -> float:
-    """The side of one (sub-)patch of ``spec`` in this section's full-resolution pixels."""
-    if spec.kind == "niche":
-        return um_to_px(2 * section.spot_pitch_um + spec.size_um, section.mpp)
-    return um_to_px(spec.size_um, section.mpp)
