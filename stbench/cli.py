@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="the encoder's checkpoint file, or 'random' for random initialisation (results are labelled)")
     run.add_argument("--finetune", action="store_true", default=None,
                      help="fine-tune a copy of each fold's model on each test slide's prompts (METHODS.md §9.1)")
+    run.add_argument("--device", help="torch device for methods: cpu, cuda, cuda:N (default: cuda when present, else cpu)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
 
     ls = sub.add_parser("list", help="list registered methods, datasets, splits, metrics, prompts, encoders, plugins")
@@ -73,6 +74,8 @@ def _shorthands(args) -> dict:
         out["finetune"] = {"enabled": True}
     if args.encoder is not None:
         out.setdefault("images", {})["encoder"] = args.encoder
+    if args.device is not None:
+        out["device"] = args.device
     if args.encoder_weights is not None:
         out.setdefault("images", {})["encoder_weights"] = args.encoder_weights
     return out

@@ -78,6 +78,9 @@ class RunConfig:
     benchmark: str = "synthetic"
     version: int = 1
     description: str = ""
+    #: what a reader of a table must know that the numbers cannot say (e.g. a gene panel chosen with
+    #: the test sections); printed in every leaderboard header
+    caveats: list = field(default_factory=list)
     dataset: str = "synthetic"
     dataset_options: dict = field(default_factory=dict)
     #: the dataset's folder; None: $STBENCH_DATA/<folder> or the user cache
@@ -93,6 +96,9 @@ class RunConfig:
     seed: int = 0
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     images: ImageConfig = field(default_factory=ImageConfig)
+    #: torch device for methods ("cpu", "cuda", "cuda:1", "mps"); None: CUDA when present, else CPU.
+    #: Not part of the protocol: a run may resume on another device.
+    device: Optional[str] = None
     #: per-method hyperparameter overrides: {method: {field: value}}
     methods: dict = field(default_factory=dict)
 

@@ -10,6 +10,21 @@ A method is built from its config dataclass (``MethodSpec.factory(config)``), th
    ``slide.prompt_expr`` hold the prompt spots' measured expression. It returns an (N, G) array for
    every spot of the slide; prompt spots are scored only in the ``*_all`` columns.
 
+Data the method sees. The training and validation slides are read-only: their arrays (``expr``,
+``grid``, ``pixel``, ``features``) are shared across folds and methods, so a method copies before it
+changes anything. The validation slides come from training patients (inner validation), never from the
+test fold.
+
+The rule for choosing and refitting (one rule for every method): use the validation slides only to
+*select* (a penalty, an epoch, a checkpoint), then make the final model from *all training patients*.
+A closed-form method (``mean``, ``ridge``) refits on ``train + val`` at the selected setting; a method
+with nothing to select uses ``train + val`` directly; a trained network keeps the checkpoint chosen on
+validation (refitting it would need a new stopping rule).
+
+What ``predict`` returns: a NumPy array of shape ``(slide.n_spots, slide.n_genes)``, finite (no NaN or
+inf), in the benchmark's normalisation (the units of ``slide.expr``), one row per spot in the slide's
+order, prompt spots included. Anything else stops the run with an error naming the method and slide.
+
 What a method needs beyond expression (coordinates, image features, whole-slide context) is declared in
 ``MethodSpec.needs``; the harness prepares only that and hands it over through :class:`FitContext`.
 Slide-level models (PHG2ST) receive whole slides in both calls; spot-level models iterate over spots.

@@ -31,12 +31,16 @@ Constant-gene policy (shared by PCC and CCC, and by the fold-level PCCs):
 * A gene whose *prediction* is constant while its truth varies scores 0 (no association can be claimed). It
   is not skipped, so a method cannot improve its mean by predicting constants; it is counted in
   ``MetricValue.n_pred_constant``.
-* When the prediction is constant for *every* usable gene (the ``mean`` baseline predicts one vector for
-  all spots), PCC is undefined for the slide: value NaN, with ``n_pred_constant`` saying why.
-* "Constant" means a population standard deviation ≤ 1e-6·|mean| (``_CONST_RTOL``). This covers exactly
-  equal values, whose computed spread is rounding noise of order 1e-16·|mean|, and spread below float32
-  resolution. It does not depend on the unit of the data (an all-zero column is constant; values of order
-  1e-9 that really vary are not).
+* The same rule applies when the prediction is constant for *every* gene of a slide: the slide scores 0
+  (not NaN), so a method that returns a constant on the slides it would score badly on cannot drop them
+  out of the slide mean. A method that predicts one vector everywhere *by design* (the ``mean`` baseline)
+  declares ``MethodSpec.constant_predictor``, and the harness reports its correlations as undefined.
+* "Constant" means a population standard deviation ≤ 1e-6·max|x| + 1e-12 (``_CONST_RTOL``,
+  ``_CONST_ATOL``), like ``numpy.isclose``. The relative part is scale-aware: it covers exactly equal
+  values, whose computed spread is rounding noise of order 1e-16 of their magnitude, and spread below
+  float32 resolution, in any unit. The absolute floor covers columns that are zero up to rounding noise
+  (e.g. ±1e-17 around 0), where a purely relative test would correlate noise. Values of order 1e-9 that
+  really vary are not constant.
 * Fewer than two spots: PCC, CCC and RVD are undefined for every gene (all skipped, value NaN).
 * ``rvd`` (eps = 0) is undefined for genes with constant truth (division by σ² = 0). They are skipped and
   counted. ``rvd_triplex`` (eps = 0.01) is defined for every gene.
@@ -54,8 +58,9 @@ import numpy as np
 
 from stbench.specs import MetricSpec
 
-#: A column is constant when its population std is at most this fraction of |mean| (see module docstring).
+#: A column is constant when its population std is at most _CONST_RTOL·max|x| + _CONST_ATOL (module docstring).
 _CONST_RTOL = 1e-6
+_CONST_ATOL = 1e-12
 
 
 @dataclass(frozen=True)
@@ -112,9 +117,9 @@ def _centred(pred: Any, truth: Any) -> _Centred:
     mean_p, mean_t = p.mean(axis=0), t.mean(axis=0)
     dp, dt = p - mean_p, t - mean_t
     ss_p, ss_t = np.einsum("ij,ij->j", dp, dp), np.einsum("ij,ij->j", dt, dt)
-    # std <= rtol*|mean|, written without squaring the mean (no overflow) and without dividing.
-    const_p = np.sqrt(ss_p / n) <= _CONST_RTOL * np.abs(mean_p)
-    const_t = np.sqrt(ss_t / n) <= _CONST_RTOL * np.abs(mean_t)
+    # std <= rtol*max|x| + atol, written without squaring (no overflow) and without dividing
+    const_p = np.sqrt(ss_p / n) <= _CONST_RTOL * np.abs(p).max(axis=0) + _CONST_ATOL
+    const_t = np.sqrt(ss_t / n) <= _CONST_RTOL * np.abs(t).max(axis=0) + _CONST_ATOL
     return _Centred(n, mean_p, mean_t, ss_p, ss_t, np.einsum("ij,ij->j", dp, dt), const_p, const_t)
 
 
@@ -186,13 +191,12 @@ def _gene_mean(per_gene: np.ndarray) -> MetricValue:
 
 
 def _pcc_value(pred: Any, truth: Any) -> MetricValue:
-    """Gene-mean PCC with the constant-prediction accounting of the module docstring."""
+    """Gene-mean PCC with the constant-prediction accounting of the module docstring (constant
+    predictions score 0, also when every gene's prediction is constant)."""
     c = _centred(pred, truth)
     r = _pcc_from(c)
     value = _gene_mean(r)
     n_const = int((c.const_p & ~np.isnan(r)).sum())
-    if value.n_genes and n_const == value.n_genes:
-        return MetricValue(float("nan"), value.n_genes, value.n_skipped, n_const)
     return MetricValue(value.value, value.n_genes, value.n_skipped, n_const)
 
 
@@ -259,11 +263,13 @@ def _check_k(k: int) -> int:
 
 
 def _pcc_at_k_posthoc(preds: Sequence[Any], truths: Sequence[Any], context: Optional[Any] = None, *, k: int) -> MetricValue:
-    r = per_gene_pcc(*_pooled(preds, truths))
+    c = _centred(*_pooled(preds, truths))
+    r = _pcc_from(c)
     n_nan = int(np.isnan(r).sum())
     top = np.sort(np.nan_to_num(r, nan=0.0))[::-1][: min(k, r.size)]
     value = float(top.mean()) if top.size else float("nan")
-    return MetricValue(value, int(top.size), n_nan)
+    # constant predictions score 0 here as in ``pcc``, and are counted the same way
+    return MetricValue(value, int(top.size), n_nan, int((c.const_p & ~np.isnan(r)).sum()))
 
 
 def _pcc_at_k_train(preds: Sequence[Any], truths: Sequence[Any], context: Optional[Any] = None, *, k: int) -> MetricValue:
@@ -311,7 +317,7 @@ _TOP_K = (10, 50, 200)
 def builtin_metric_specs() -> list[MetricSpec]:
     """The metrics the harness reports (METHODS.md §2; headline = ``pcc``)."""
     specs = [
-        MetricSpec("pcc", pcc, True, _PER_SLIDE_GENE_MEAN,
+        MetricSpec("pcc", pcc, True, _PER_SLIDE_GENE_MEAN, undefined_for_constant=True,
                    description="Pearson r per gene across a slide's spots (headline metric)"),
         MetricSpec("ccc", ccc, True, _PER_SLIDE_GENE_MEAN,
                    description="Lin's concordance correlation per gene, n-1 variances (as torchmetrics)"),
@@ -323,19 +329,20 @@ def builtin_metric_specs() -> list[MetricSpec]:
                    description="relative variance distance, TRIPLEX RVDMetric: ((var_p - var_t) / (var_t + 0.01))^2"),
         MetricSpec("pcc_pooled", pcc_pooled, True,
                    "per gene over the fold's test spots pooled across slides, mean over genes (constant genes skipped)",
-                   level="fold", description="Pearson r per gene on all test spots of the fold pooled"),
+                   level="fold", undefined_for_constant=True,
+                   description="Pearson r per gene on all test spots of the fold pooled"),
     ]
     for k in _TOP_K:
         specs.append(MetricSpec(
             f"pcc@{k}_posthoc", pcc_at_k_posthoc(k), True,
             f"per gene over the fold's pooled test spots (undefined genes = 0), mean of the {k} highest",
-            level="fold",
+            level="fold", undefined_for_constant=True,
             description=f"HyperST/Stem PCC@{k}: genes ranked by their own test PCC: post hoc, not a leaderboard metric"))
     for k in _TOP_K:
         specs.append(MetricSpec(
             f"pcc@{k}_train", pcc_at_k_train(k), True,
             f"per gene per slide on the {k} selected genes, mean over genes (constant genes skipped), then mean over slides",
-            level="fold",
+            level="fold", undefined_for_constant=True,
             description=f"PCC over the top-{k} genes by training mean expression, chosen from training slides only"))
     return specs
 

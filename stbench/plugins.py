@@ -25,7 +25,6 @@ import pluggy
 
 import stbench
 from stbench import hookspecs
-from stbench.errors import PluginError
 from stbench.registry import Registry
 
 ENTRY_POINT_GROUP = "stbench"
@@ -95,11 +94,12 @@ class Plugins:
     def add_module(self, name: str, module, package: str, module_path: str = "") -> None:
         info = PluginInfo(name=name, module=module_path or getattr(module, "__name__", name), package=package)
         if name in self.infos or self.pm.has_plugin(name):
+            # the first keeps the name; the second is reported as failed, and nothing else breaks
             other = self.infos.get(name)
-            raise PluginError(
-                f"two plugins are named {name!r}: {other.module if other else '?'} ({other.package if other else '?'}) "
-                f"and {info.module} ({package}); rename the entry point of one of them"
-            )
+            info.name = f"{name} ({package})"
+            self._fail(info, f"another plugin is already named {name!r} ({other.module if other else '?'}, "
+                             f"{other.package if other else '?'}); rename the entry point of one of them")
+            return
         try:
             self.pm.register(module, name=name)
         except Exception as exc:  # pluggy validation errors: wrong hook signature, unknown hook
@@ -122,8 +122,6 @@ class Plugins:
 
                 try:
                     impl.function(register=register)
-                except PluginError:
-                    raise
                 except Exception as exc:
                     self._fail(info, f"{hook_name} raised {type(exc).__name__}: {exc}")
 

@@ -39,6 +39,7 @@ __all__ = [
     "dense_square_prompts",
     "sparse_square_prompts",
     "n_prompts",
+    "check_prompt_counts",
     "prompt_rng",
     "select_prompts",
     "builtin_prompt_specs",
@@ -393,6 +394,33 @@ def sparse_square_prompts(coords: np.ndarray, n: int, rng: np.random.Generator) 
 
 # ----------------------------------------------------------------------------------------------------------
 # harness entry points
+
+
+def check_prompt_counts(spots: dict[str, int], ratio: float) -> None:
+    """Refuse a ratio that gives no test slide a single prompt spot by itself, and warn, with the
+    numbers, when the one-prompt minimum of :func:`n_prompts` makes slides' prompt shares more than
+    twice the requested ratio (``--prompt-ratio 1e-6`` would otherwise give 33 % of a 3-spot slide).
+
+    ``spots``: test slide name -> number of spots.
+    """
+    import warnings
+
+    if not spots:
+        return
+    inflated = {name: n for name, n in spots.items() if n >= 2 and n_prompts(n, ratio) > 2 * ratio * n}
+    smallest = min(spots, key=spots.get)
+    needed = 1.0 / max(spots.values())
+    if len(inflated) == len(spots):
+        raise ConfigError(
+            f"prompt ratio {ratio:g} gives no test slide a prompt spot of its own (largest slide: {max(spots.values())} "
+            f"spots, {ratio * max(spots.values()):.3g} prompts); use --prompt-ratio {needed:.2g} or more")
+    if inflated:
+        name = max(inflated, key=lambda k: n_prompts(inflated[k], ratio) / inflated[k])
+        n, k = inflated[name], n_prompts(inflated[name], ratio)
+        warnings.warn(
+            f"prompt ratio {ratio:g} is below one spot on {len(inflated)} of {len(spots)} test slides, which get one "
+            f"prompt spot each (e.g. slide {name}: {k} of {n} spots = {k / n:.0%}); smallest slide: {smallest} "
+            f"({spots[smallest]} spots)", stacklevel=2)
 
 
 def n_prompts(n_spots: int, ratio: float) -> int:

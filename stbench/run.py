@@ -12,6 +12,7 @@ import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import platform
 import random
 import subprocess
@@ -26,16 +27,16 @@ import numpy as np
 import stbench
 from stbench import atomic
 from stbench import config as cfg
+from stbench.lock import RunLock
 from stbench.benchmark import panel_path
 from stbench.data.expression import UNITS, highly_variable_genes, make_slide, read_panel_file
 from stbench.data.model import Section, SectionInfo, Slide
-from stbench.errors import ConfigError, DataError
+from stbench.errors import ConfigError, DataError, StbenchError
 from stbench.method import FinetuneSettings, FitContext, Method
 from stbench.metrics import MetricValue
 from stbench.plugins import Plugins
-from stbench.prompts import n_prompts, select_prompts
+from stbench.prompts import check_prompt_counts, n_prompts, select_prompts
 from stbench.results import RunDir, write_prediction
-from stbench.specs import resolve
 from stbench.splits import Fold, check_folds
 
 #: needs that can only be met on sections that have an image
@@ -67,6 +68,11 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     """Validate names and options, open the dataset and make the folds (no heavy work yet)."""
     if not method_names:
         raise ConfigError("no methods given; pass --methods NAME[,NAME...] (see 'stbench list methods')")
+    check_out_dir(Path(out_dir))
+    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
+        raise ConfigError(f"seed must be a non-negative integer, got {config.seed} (option --seed or key seed)")
+    if config.device is not None and not (config.device in ("cpu", "cuda", "mps") or config.device.startswith("cuda:")):
+        raise ConfigError(f"device must be cpu, cuda, cuda:N or mps, got {config.device!r} (option --device or key device)")
     methods = {}
     for name in method_names:
         spec = plugins.methods.get(name, "option --methods")
@@ -84,13 +90,13 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
 
     normaliser(config.normalisation)
     for name, mconf in methods.items():  # a method rejects bad settings when built: before anything is written
-        resolve(plugins.methods.get(name).factory)(copy.deepcopy(mconf))
+        plugins.methods.load(name)(copy.deepcopy(mconf))
     dspec = plugins.datasets.get(config.dataset, "option --dataset")
     options = cfg.build(dspec.options, config.dataset_options, "dataset_options") if dspec.options else None
     if config.dataset_options and not dspec.options:
         raise ConfigError(f"dataset {config.dataset} takes no dataset_options")
     data_dir = Path(config.data_dir).expanduser() if config.data_dir else None
-    dataset = resolve(dspec.factory)(data_dir, options)
+    dataset = plugins.datasets.load(config.dataset)(data_dir, options)
 
     sections = list(dataset.sections())
     if any(IMAGE_NEEDS & set(plugins.methods.get(m).needs) for m in methods):
@@ -113,7 +119,7 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         sspec = plugins.splits.get(config.split)
     params = cfg.build(sspec.params, config.split_params, "split_params") if sspec.params else None
     kwargs = vars(params) if params is not None else {}
-    folds = resolve(sspec.func)(sections, config.seed, **kwargs)
+    folds = plugins.splits.load(config.split, "func")(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
     plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
     kinds = sorted({FEATURE_KINDS[n] for m in methods for n in plugins.methods.get(m).needs if n in FEATURE_KINDS})
@@ -121,10 +127,23 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         from stbench.images.geometry import PatchSpec
 
         images = config.images
-        espec = plugins.encoders.get(images.encoder, "option --encoder / key images.encoder")
-        plan.encoder = resolve(espec.factory)(images.encoder_weights)  # a missing checkpoint fails here
+        plugins.encoders.get(images.encoder, "option --encoder / key images.encoder")
+        plan.encoder = plugins.encoders.load(images.encoder)(images.encoder_weights)  # a missing checkpoint fails here
         plan.patch_specs = [PatchSpec(k, images.spot_um, images.neighbour_grid if k == "neighbour" else 1) for k in kinds]
     return plan
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot become a run directory, before any data is read."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is an existing file, not a folder; give a folder path for the run")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out} cannot be created: {existing} is a file, not a folder; give another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out} cannot be written: no write permission in {existing}; give a folder you can write to")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -156,8 +175,26 @@ def versions() -> dict:
 def _protocol(config: cfg.RunConfig) -> dict:
     out = cfg.to_dict(config)
     out.pop("methods")
-    out.pop("data_dir")  # the same data may live elsewhere on a resumed run
+    out.pop("data_dir")  # the same data may live elsewhere on a resumed run (the data fingerprint checks it)
+    out.pop("device")  # where a model runs does not change what the protocol is
     return out
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _differences(old: dict, new: dict, limit: int = 4) -> str:
+    """``"seed 0 → 1, prompt.ratio 0.1 → 0.2"``: what differs between two settings mappings."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(absent)") != b.get(k, "(absent)")]
+    text = ", ".join(f"{k} {a.get(k, '(absent)')} → {b.get(k, '(absent)')}" for k in keys[:limit])
+    return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _fold_record(plan: Plan) -> list:
@@ -166,21 +203,22 @@ def _fold_record(plan: Plan) -> list:
 
 
 def _check_resumable(run: RunDir, plan: Plan) -> None:
-    """A run directory holds one protocol; a rerun with another protocol would mix results."""
+    """A run directory holds one protocol; a rerun with another protocol would mix results. The
+    settings are compared first, so the message names the setting the user changed (e.g. the seed),
+    not its consequence (other folds)."""
     old = run.read_json("run.json")
     if old is None:
         return
     new = _protocol(plan.config)
+    if old.get("protocol") != new:
+        raise ConfigError(
+            f"output directory {plan.out_dir} holds a run with other settings ({_differences(old.get('protocol') or {}, new)}); "
+            "use a new --out, or the same settings to resume"
+        )
     if old.get("folds") is not None and old["folds"] != _fold_record(plan):
         raise ConfigError(
             f"output directory {plan.out_dir} holds folds over other sections (the methods or the data changed "
             "which sections are usable, e.g. images); use a new --out"
-        )
-    if old.get("protocol") != new:
-        diff = [k for k in new if old.get("protocol", {}).get(k) != new[k]]
-        raise ConfigError(
-            f"output directory {plan.out_dir} holds a run with another protocol (differs in: "
-            f"{', '.join(diff) or 'format'}); use a new --out, or the same settings to resume"
         )
     for name, mconf in plan.methods.items():
         done = old.get("methods", {}).get(name)
@@ -188,8 +226,22 @@ def _check_resumable(run: RunDir, plan: Plan) -> None:
         if finished and done is not None and done != cfg.to_dict(mconf):
             raise ConfigError(
                 f"output directory {plan.out_dir} holds results of method {name} with other hyperparameters "
-                f"({done} vs {cfg.to_dict(mconf)}); use a new --out"
+                f"({_differences(done, cfg.to_dict(mconf))}); use a new --out"
             )
+
+
+def _check_same_data(run: RunDir, plan: Plan, panels: list[str], data: dict) -> None:
+    """Resuming over another gene list (an edited panel file) or changed data files would merge
+    predictions of different genes or data into one table."""
+    old = run.read_json("run.json") or {}
+    for fold, (before, now) in enumerate(zip(old.get("panels") or [], panels)):
+        if before != now:
+            raise ConfigError(f"output directory {plan.out_dir} holds results over another gene list in fold {fold} "
+                              "(the panel file or the data changed since); use a new --out")
+    for section, before in (old.get("data") or {}).items():
+        if section in data and before != data[section]:
+            raise ConfigError(f"output directory {plan.out_dir} holds results computed from other data files of section "
+                              f"{section} ({before} now {data[section]}: size or modification time changed); use a new --out")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -272,8 +324,29 @@ class SlideStore:
         if key not in self._slides:
             slide = make_slide(self.section(name), genes, self.plan.config.normalisation)
             slide.features = self._features.get(name, {})
+            # shared by every fold and method: read-only, so no plugin can corrupt a later fold's truth
+            for array in (slide.expr, slide.grid, slide.pixel, *slide.features.values()):
+                if isinstance(array, np.ndarray):
+                    array.flags.writeable = False
             self._slides[key] = slide
         return self._slides[key]
+
+    def fingerprints(self) -> dict:
+        """Per section, the names, sizes and modification times of the files it was read from."""
+        return {info.name: self.section(info.name).fingerprint() for info in self.plan.sections}
+
+
+def genes_hash(genes: list[str]) -> str:
+    return hashlib.sha1("\n".join(genes).encode()).hexdigest()
+
+
+def pick_device(requested: Optional[str]) -> str:
+    """The torch device for methods: ``requested`` (``--device``) if given, else CUDA when torch is
+    loaded (a torch method's factory imports it) and sees a GPU, else the CPU."""
+    if requested:
+        return requested
+    torch = sys.modules.get("torch")
+    return "cuda" if torch is not None and torch.cuda.is_available() else "cpu"
 
 
 def _seed_everything(seed: int) -> None:
@@ -290,8 +363,13 @@ class FoldContext:
     train_gene_order: Optional[np.ndarray] = None
 
 
-def _metric_columns(prefix: str, value: MetricValue) -> dict:
-    out = {prefix: value.value, f"{prefix}_skipped": value.n_skipped}
+def _metric_columns(prefix: str, value: MetricValue, method=None, metric=None) -> dict:
+    """The columns of one metric. A method that predicts one vector everywhere by design gets NaN
+    ("undefined") for correlations; any other constant prediction keeps the metric's score of 0."""
+    number = value.value
+    if method is not None and method.constant_predictor and metric.undefined_for_constant:
+        number = float("nan")
+    out = {prefix: number, f"{prefix}_skipped": value.n_skipped}
     if value.n_pred_constant:
         out[f"{prefix}_pred_constant"] = value.n_pred_constant
     return out
@@ -312,19 +390,55 @@ class RunOutcome:
 
 def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
     """Run every method x fold not yet complete in ``plan.out_dir``. ``verbose``: a progress bar on a
-    terminal, one line per step otherwise (logs); nothing when False."""
+    terminal, one line per step otherwise (logs); nothing when False.
+
+    The run directory is locked for the whole run (a second process into it is refused). Until the
+    provenance files are written, a failure leaves nothing behind: a directory this call created is
+    removed again.
+    """
+    created = not plan.out_dir.exists()
+    lock = RunLock(plan.out_dir)
+    lock.acquire()
+    started = False
+    try:
+        run = RunDir(plan.out_dir)
+        _check_resumable(run, plan)
+        atomic.remove_leftovers(plan.out_dir)  # .tmp-* files of killed runs (we hold the lock)
+        started, outcome = _execute_locked(plan, run, verbose)
+        return outcome
+    except BaseException:
+        if created and not started:
+            lock.release()
+            _remove_if_only_lock(plan.out_dir)
+        raise
+    finally:
+        lock.release()
+
+
+def _remove_if_only_lock(out_dir: Path) -> None:
+    try:
+        leftovers = list(out_dir.iterdir())
+        if all(p.name == RunLock(out_dir).path.name for p in leftovers):
+            for p in leftovers:
+                p.unlink()
+            out_dir.rmdir()
+    except OSError:
+        pass
+
+
+def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     config = plan.config
-    run = RunDir(plan.out_dir)
-    _check_resumable(run, plan)
     patient_of = {s.name: s.patient for s in plan.sections}
 
     # read and check all data before writing anything, so bad input leaves no half-made run
     store = SlideStore(plan)
-    for fold in plan.folds:
-        store.panel(fold)
+    panels = [genes_hash(store.panel(fold)) for fold in plan.folds]
+    data = store.fingerprints()
+    _check_same_data(run, plan, panels, data)
     test_names = sorted({s for f in plan.folds for s in f.test})
     unique_test = sum(len(f.test) for f in plan.folds) == len(test_names)
-    strategy = plan.plugins.prompts.get(config.prompt.strategy).func
+    check_prompt_counts({n: store.section(n).n_spots for n in test_names}, config.prompt.ratio)
+    strategy = plan.plugins.prompts.load(config.prompt.strategy, "func")
     prompts: dict[str, np.ndarray] = {}
     for name in test_names:
         positions = store.section(name).positions_um()
@@ -338,7 +452,10 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))
     method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
-    record = {"protocol": _protocol(config), "methods": method_configs, "folds": _fold_record(plan)}
+    record = {"protocol": _protocol(config), "methods": method_configs, "folds": _fold_record(plan),
+              "panels": panels, "data": data,
+              "constant_predictors": sorted(set(old.get("constant_predictors", []))
+                                            | {m for m in plan.methods if plan.plugins.methods.get(m).constant_predictor})}
     encoder = old.get("encoder")
     if plan.encoder is not None:
         encoder = {k: v for k, v in plan.encoder.describe().items() if k in ENCODER_IDENTITY}
@@ -347,6 +464,11 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
                               f"this run uses {encoder}; use a new --out")
     if encoder is not None:
         record["encoder"] = encoder
+    metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
+    units = [(m, f) for m in plan.methods for f in plan.folds]
+    todo = [(m, f) for m, f in units if not run.is_done(m, f.index)]
+    device = pick_device(config.device)
+
     run.write_json("run.json", record)
     full = cfg.to_dict(config)
     full["methods"] = method_configs
@@ -355,18 +477,16 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
         "split": config.split, "protocol_level": config.protocol_level, "seed": config.seed,
         "folds": [f.to_dict(patient_of) for f in plan.folds],
     })
-    run.write_json("versions.json", {**versions(), "seed": config.seed,
-                                     "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                                     "plugins": {i.name: i.package for i in plan.plugins.infos.values()}})
-
+    invocation = {**versions(), "seed": config.seed,
+                  "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                  "plugins": {i.name: i.package for i in plan.plugins.infos.values()},
+                  "units": [f"{m}/fold{f.index}" for m, f in todo]}
+    run.append_versions(invocation)
     run.write_json("prompts.json", {
         "strategy": config.prompt.strategy, "ratio": config.prompt.ratio, "seed": config.seed,
         "slides": {n: [str(store.section(n).spot_ids[i]) for i in idx] for n, idx in prompts.items()},
     })
 
-    metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
-    units = [(m, f) for m in plan.methods for f in plan.folds]
-    todo = [(m, f) for m, f in units if not run.is_done(m, f.index)]
     bar = None
     if verbose and tty and todo:
         from tqdm import tqdm
@@ -378,28 +498,28 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
             bar.set_postfix_str(f"{method_name} fold {fold.index + 1}/{len(plan.folds)}")
         if progress and bar is None:
             progress(f"{method_name}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})")
-        slide_rows, fold_row = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test)
-        run.write_unit(method_name, fold.index, slide_rows, fold_row)
+        slide_rows, fold_row = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test, device)
+        run.write_unit(method_name, fold.index, slide_rows, fold_row, invocation)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     results, fold_results = run.merge()
-    return RunOutcome(plan.out_dir, results, fold_results, len(todo), len(units) - len(todo))
+    return True, RunOutcome(plan.out_dir, results, fold_results, len(todo), len(units) - len(todo))
 
 
 def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold: Fold, prompts, metric_specs,
-              unique_test: bool):
+              unique_test: bool, device: str = "cpu"):
     config = plan.config
     spec = plan.plugins.methods.get(method_name)
     genes = store.panel(fold)
     train = [store.slide(s, genes) for s in fold.train]
     val = [store.slide(s, genes) for s in fold.val]
     tests = [store.slide(s, genes) for s in fold.test]
-    method: Method = resolve(spec.factory)(copy.deepcopy(plan.methods[method_name]))
+    method: Method = plan.plugins.methods.load(method_name)(copy.deepcopy(plan.methods[method_name]))
     _seed_everything(config.seed)  # after building: the factory may be what imports torch
     workdir = plan.out_dir / "work" / method_name / f"fold{fold.index}"
-    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, workdir=workdir,
+    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, workdir=workdir, device=device,
                          prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
                          prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
     method.fit(train, val, context)
@@ -427,10 +547,10 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
                "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
                "finetuned": bool(finetune)}
         for m in slide_metrics:
-            func = resolve(m.func)
-            row.update(_metric_columns(m.name, func(pred[scored], slide.expr[scored])))
+            func = plan.plugins.metrics.load(m.name, "func")
+            row.update(_metric_columns(m.name, func(pred[scored], slide.expr[scored]), spec, m))
         for m in slide_metrics:
-            row.update(_metric_columns(f"{m.name}_all", resolve(m.func)(pred, slide.expr)))
+            row.update(_metric_columns(f"{m.name}_all", plan.plugins.metrics.load(m.name, "func")(pred, slide.expr), spec, m))
         slide_rows.append(row)
         preds_np.append(pred[scored]); truths_np.append(slide.expr[scored])
         preds_all.append(pred); truths_all.append(slide.expr)
@@ -443,7 +563,7 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
                 "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
                 "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": git_revision()}
     for m in (m for m in metric_specs if m.level == "fold"):
-        func = resolve(m.func)
-        fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx)))
-        fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx)))
+        func = plan.plugins.metrics.load(m.name, "func")
+        fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx), spec, m))
+        fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx), spec, m))
     return slide_rows, fold_row

@@ -49,6 +49,13 @@ class MethodSpec:
         needs: what the harness must prepare, a subset of :data:`NEEDS`.
         finetune: whether the harness's prompt fine-tuning protocol (METHODS.md §9.1) applies when it is
             switched on; retrieval methods such as BLEEP declare ``False``.
+        constant_predictor: the method predicts one vector for every spot of a slide by design (the
+            ``mean`` baseline). Its correlation metrics (``MetricSpec.undefined_for_constant``) are
+            reported as undefined instead of 0. Any other method whose prediction happens to be constant
+            on a slide scores 0 there, so returning constants cannot raise its mean.
+        test_settings: config overrides that make the method tiny and fast (a few epochs, a narrow
+            network) for the registry-driven contract test (``tests/test_contract.py``), which runs every
+            registered method on a small synthetic dataset with these settings.
         description: one line for ``stbench list``.
         reference: paper, venue, year and DOI/arXiv id.
     """
@@ -58,6 +65,8 @@ class MethodSpec:
     config: type
     needs: frozenset = frozenset({"expression"})
     finetune: bool = True
+    constant_predictor: bool = False
+    test_settings: dict = field(default_factory=dict)
     description: str = ""
     reference: str = ""
 
@@ -116,6 +125,9 @@ class MetricSpec:
             a fold (pooled metrics, PCC@k).
         higher_is_better: drives the ↑/↓ markers of leaderboards.
         aggregation: how the number is aggregated, in words, for tables and docs.
+        undefined_for_constant: a correlation, which has no meaning for a method that predicts one
+            vector for every spot by design (``MethodSpec.constant_predictor``): such methods get NaN,
+            shown as "undefined". For every other method a constant prediction scores 0.
     """
 
     name: str
@@ -124,6 +136,7 @@ class MetricSpec:
     aggregation: str
     level: str = "slide"
     description: str = ""
+    undefined_for_constant: bool = False
 
 
 @dataclass(frozen=True)

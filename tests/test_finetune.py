@@ -46,7 +46,7 @@ class CoordMLP(TorchMethod):
         for _ in range(self.config.epochs):
             for s in train:
                 opt.zero_grad()
-                self.spot_loss(s, np.arange(s.n_spots), torch.as_tensor(s.expr)).backward()
+                self.spot_loss(s, np.arange(s.n_spots), torch.tensor(s.expr)).backward()
                 opt.step()
 
     def predict(self, slide):

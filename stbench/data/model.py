@@ -56,6 +56,8 @@ class Section:
         image_loader: for generated data, a function returning the image as an (H, W, 3) uint8 array.
         image_key: identifies the image's content for the feature cache; required with
             ``image_loader`` (e.g. a hash of the generator's options), derived from the file otherwise.
+        source_files: the files this section was read from (counts, coordinates, image). A run records
+            their names, sizes and modification times, and refuses to resume over changed files.
     """
 
     name: str
@@ -72,6 +74,7 @@ class Section:
     image_path: Optional[Path] = None
     image_loader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
     image_key: Optional[str] = None
+    source_files: tuple = ()
 
     @property
     def n_spots(self) -> int:
@@ -80,6 +83,17 @@ class Section:
     @property
     def has_image(self) -> bool:
         return self.image_path is not None or self.image_loader is not None
+
+    def fingerprint(self) -> list:
+        """What identifies the data read: each source file's name, size and modification time (as the
+        image fingerprint of the feature cache), plus the image key of generated images."""
+        out = []
+        for path in self.source_files:
+            st = Path(path).stat()
+            out.append([Path(path).name, st.st_size, st.st_mtime_ns])
+        if self.image_key:
+            out.append(["image_key", self.image_key])
+        return out
 
     def image_fingerprint(self) -> str:
         """What identifies the image's content: the plugin's key, else the file's path, size and mtime."""
@@ -102,8 +116,13 @@ class Section:
         from PIL import Image
 
         Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs exceed PIL's decompression-bomb guard
-        with Image.open(self.image_path) as im:
-            return np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(self.image_path) as im:
+                return np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
+            from stbench.images.features import image_error
+
+            raise image_error(self, exc) from None
 
 
 @dataclass

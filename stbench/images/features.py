@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from stbench import atomic
+from stbench.errors import DataError
 from stbench.data.model import Section
 from stbench.images.encoder import Encoder
 from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes
@@ -42,6 +43,13 @@ class FeatureSet:
     mask: np.ndarray  # (N, n_sub) bool: True where the (sub-)patch lies (mostly) inside the image
 
 
+def image_error(section: Section, exc: BaseException) -> DataError:
+    """One line for an image that cannot be decoded: the file, the section, PIL's reason and the fix."""
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return DataError(f"image {section.image_path} of section {section.name} cannot be decoded ({reason}): the file is "
+                     "truncated or corrupt; download it again, or move it away to run the section without its image")
+
+
 def _open_image(section: Section, target_mpp: float):
     """The section's image as PIL, decoded at the coarsest JPEG scale that still resolves ``target_mpp``,
     and the factor from full-resolution pixels to the decoded image's pixels."""
@@ -51,17 +59,20 @@ def _open_image(section: Section, target_mpp: float):
     if section.image_path is None:
         array = section.read_image()
         return Image.fromarray(np.ascontiguousarray(array)), 1.0
-    im = Image.open(section.image_path)
-    width = im.size[0]
-    if im.format == "JPEG" and section.mpp:
-        # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
-        # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
-        factor = 1
-        while factor < 8 and section.mpp * factor * 2 <= target_mpp:
-            factor *= 2
-        if factor > 1:
-            im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
-    im = im.convert("RGB")
+    try:
+        im = Image.open(section.image_path)
+        width = im.size[0]
+        if im.format == "JPEG" and section.mpp:
+            # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
+            # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
+            factor = 1
+            while factor < 8 and section.mpp * factor * 2 <= target_mpp:
+                factor *= 2
+            if factor > 1:
+                im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
+        im = im.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
+        raise image_error(section, exc) from None
     return im, im.size[0] / width
 
 

@@ -148,6 +148,7 @@ class Her2Dataset(Dataset):
             arrays = _parse(counts_path, spots_path)
             _write_cache(cache_file, arrays)
 
+        image = self.image_path(name)
         counts = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
         mpp = float(arrays["mpp"])
         qc_keys = ("n_spotfile_rows", "n_spotfile_rows_without_counts", "n_unselected")
@@ -164,7 +165,8 @@ class Her2Dataset(Dataset):
             lattice="square",
             spot_diameter_um=SPOT_DIAMETER_UM,
             spot_pitch_um=SPOT_PITCH_UM,
-            image_path=self.image_path(name),  # looked up afresh: an image may be added after caching
+            image_path=image,  # looked up afresh: an image may be added after caching
+            source_files=tuple(p for p in (counts_path, spots_path, image) if p is not None),
         )
 
 

@@ -1,8 +1,11 @@
 """``mean``: predict the training-set mean expression of every gene at every spot.
 
-A floor for MAE and MSE. It predicts the same vector for every spot, so its per-slide PCC is undefined
-(reported as such, with the count of constant predictions), which is the honest number for a method
-that knows nothing about where a spot is.
+A floor for MAE and MSE. It predicts the same vector for every spot by design, so the spec declares it
+a constant predictor and its correlation metrics are reported as undefined (with the count of constant
+predictions), which is the honest number for a method that knows nothing about where a spot is.
+
+Like every closed-form method (the rule in :mod:`stbench.method`), it has nothing to select on the
+inner validation slides, so it averages over all training patients: training and validation slides.
 """
 
 from dataclasses import dataclass
@@ -13,8 +16,7 @@ from stbench.specs import MethodSpec
 
 @dataclass
 class MeanConfig:
-    #: also average in the inner-validation slides (they are training patients too)
-    include_val: bool = False
+    """The mean baseline has no hyperparameters."""
 
 
 @hookimpl
@@ -25,6 +27,7 @@ def stbench_register_methods(register):
             factory="stbench_plugins.mean.model:MeanBaseline",
             config=MeanConfig,
             needs=frozenset({"expression"}),
+            constant_predictor=True,
             description="training-set mean expression at every spot (MAE/MSE floor; PCC undefined)",
         )
     )

@@ -11,7 +11,8 @@ class MeanBaseline(Method):
         self.mean_ = None
 
     def fit(self, train, val, context):
-        slides = list(train) + (list(val) if self.config.include_val else [])
+        # nothing to select on validation, so the final model uses all training patients (stbench.method)
+        slides = list(train) + list(val)
         # spot-weighted mean over all training spots
         self.mean_ = np.concatenate([s.expr for s in slides]).mean(axis=0).astype(np.float32)
 

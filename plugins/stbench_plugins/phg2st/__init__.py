@@ -88,8 +88,7 @@ class PHG2STConfig:
     #: start every prediction head's bias at the training mean expression (not in the sources: it
     #: only saves the first epochs from learning the mean of ln(1 + CPM) values through lr 1e-4)
     init_bias_to_mean: bool = True
-    #: "auto" (cuda when available), "cpu" or "cuda"
-    device: str = "auto"
+    # the device is the harness's (FitContext.device: CUDA when present, --device to override)
 
 
 @hookimpl
@@ -102,6 +101,8 @@ def stbench_register_methods(register):
             needs=frozenset({"expression", "coords", "image_features", "neighbour_features", "slide_context"}),
             # PHG2ST takes the prompt spots as input; the baselines' prompt fine-tuning does not apply
             finetune=False,
+            test_settings=dict(dim=16, depth_global=2, heads_global=2, depth_neighbour=1, heads_neighbour=2,
+                               depth_cross=1, heads_cross=2, epochs=2, max_spots=256),
             description="prompt-guided hypergraph transformer (slide-level; prompts as input)",
             reference="PHG2ST, MICCAI 2025, arXiv:2503.16816; code github.com/NIUYI0511/PH2ST",
         )

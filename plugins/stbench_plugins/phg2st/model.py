@@ -136,8 +136,7 @@ class PHG2ST(Method):
         if not 0 < config.train_prompt_ratio < 1:
             raise ConfigError("phg2st: train_prompt_ratio must be in (0, 1) (key methods.phg2st.train_prompt_ratio)")
         self.config = config
-        self.device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                                   else "cpu" if config.device == "auto" else config.device)
+        self.device = torch.device("cpu")  # the harness's choice (FitContext.device) is taken in fit
         self.net: Optional[PHG2STNet] = None
         self._chunks: dict[str, list[Chunk]] = {}
         self.history: list[dict] = []
@@ -183,6 +182,8 @@ class PHG2ST(Method):
     # -- Method API -----------------------------------------------------------------------------
     def fit(self, train, val, context: FitContext):
         cfg = self.config
+        self.device = torch.device(context.device)
+        self._chunks.clear()  # tensors of an earlier fit may live on another device
         torch.manual_seed(context.seed)
         rng = np.random.default_rng(context.seed)
         stack = np.concatenate([s.features["spot"][s.features["spot_mask"]] for s in train])

@@ -29,6 +29,7 @@ def stbench_register_methods(register):
             needs=frozenset({"expression", "coords"}),
             # nothing is learned from training slides, so there is nothing to fine-tune
             finetune=False,
+            test_settings={"k": 3},
             description="inverse-distance-weighted k nearest prompt spots (no image)",
         )
     )

@@ -29,6 +29,7 @@ def stbench_register_methods(register):
             factory="stbench_plugins.ridge.model:Ridge",
             config=RidgeConfig,
             needs=frozenset({"expression", "image_features"}),
+            test_settings={"alphas": [1.0, 100.0]},
             description="ridge regression on frozen spot features, penalty chosen on inner validation (HEST probe)",
             reference="Jaume et al., HEST-1k, NeurIPS 2024 Datasets and Benchmarks, arXiv:2406.16192",
         )

@@ -58,8 +58,11 @@ class Ridge(Method):
             for w in weights:
                 per_slide = []
                 for s in val:
-                    pred = self._predict_x(s.features["spot"].astype(np.float64), w)
-                    m = pcc(pred, s.expr) if self.config.select_by == "pcc" else mse(pred, s.expr)
+                    # score only spots whose patch lies in the image, as in training (_design)
+                    keep = s.features["spot_mask"]
+                    pred = self._predict_x(s.features["spot"][keep].astype(np.float64), w)
+                    truth = s.expr[keep]
+                    m = pcc(pred, truth) if self.config.select_by == "pcc" else mse(pred, truth)
                     per_slide.append(m.value if self.config.select_by == "pcc" else -m.value)
                 scores.append(np.nanmean(per_slide) if np.isfinite(per_slide).any() else -np.inf)
             best = int(np.argmax(scores))
