@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--finetune", action="store_true", default=None,
                      help="fine-tune a copy of each fold's model on each test slide's prompts (METHODS.md §9.1)")
     run.add_argument("--device", help="torch device for methods: cpu, cuda, cuda:N (default: cuda when present, else cpu)")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors only)")
 
     ls = sub.add_parser("list", help="list registered methods, datasets, splits, metrics, prompts, encoders, plugins")
     ls.add_argument("kind", nargs="?", choices=LIST_KINDS, help="what to list (default: everything)")
@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="a table of mean ± std over folds from run directories")
     lb.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     lb.add_argument("--format", default="md", help="md, csv, latex or html (default md)")
-    lb.add_argument("--output", help="write the table to this file (default: print it)")
+    lb.add_argument("--output", help="write the table (every column) to this file (default: print the headline columns)")
+    lb.add_argument("--all-columns", action="store_true", help="print every column, not only the headline ones")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND")
@@ -92,13 +93,14 @@ def cmd_run(args) -> int:
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # unique, in order
     out = Path(args.out) if args.out else Path("runs") / f"{config.benchmark}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
     plan = resolve_plan(config, methods, out, plugins, base_dir)
-    print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "
-          f"{len(plan.folds)} folds of {config.split}); writing to {out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "
+              f"{len(plan.folds)} folds of {config.split}); writing to {out}", file=sys.stderr)
     outcome = execute(plan, verbose=not args.quiet)
     if outcome.units_skipped:
         print(f"stbench: {outcome.units_skipped} method x fold units were already complete and were skipped", file=sys.stderr)
     table, meta = leaderboard.summarise([out])
-    print(leaderboard.render(table, meta, plugins, "md"))
+    print(leaderboard.render(table, meta, plugins, "md", compact=True))
     print(f"results: {out / 'results.csv'} (per slide), {out / 'fold_results.csv'} (per fold), predictions in {out / 'predictions'}")
     return 0
 
@@ -115,8 +117,13 @@ def cmd_list(args) -> int:
     for kind in kinds:
         registry = getattr(plugins, kind)
         rows = [[name, getattr(e.spec, "description", ""), e.plugin, e.package] for name, e in registry.entries()]
+        for name, entries in sorted(registry.conflicts.items()):
+            rows.append([name, "CONFLICT: registered by " + " and ".join(e.plugin for e in entries) + "; unusable until one is removed",
+                         ", ".join(e.plugin for e in entries), ", ".join(e.package for e in entries)])
         print(f"{kind} ({len(rows)})")
-        print(tabulate(rows, headers=["name", "description", "plugin", "package"], tablefmt="simple") if rows else "  (none registered)")
+        # wrapped to fit 120 columns
+        print(tabulate(rows, headers=["name", "description", "plugin", "package"], tablefmt="simple",
+                       maxcolwidths=[22, 62, 14, 14]) if rows else "  (none registered)")
         print()
     return 0
 
@@ -128,10 +135,16 @@ def cmd_plugins(args) -> int:
 
     plugins = get_plugins()
     rows = []
+    conflicts = {name for registry in plugins.registries().values() for name in registry.conflicts}
     for info in plugins.infos.values():
-        provided = "; ".join(f"{k}: {', '.join(v)}" for k, v in info.registered.items()) or "-"
+        provided = "; ".join(f"{k}: {', '.join(n + (' (CONFLICT)' if n in conflicts else '') for n in v)}"
+                             for k, v in info.registered.items()) or "-"
         rows.append([info.name, info.package, "ok" if info.ok else "FAILED", provided if info.ok else info.error])
-    print(tabulate(rows, headers=["plugin", "package", "status", "registered / error"], tablefmt="simple"))
+    # wrapped to fit 120 columns
+    print(tabulate(rows, headers=["plugin", "package", "status", "registered / error"], tablefmt="simple",
+                   maxcolwidths=[22, 16, 6, 68]))
+    if conflicts:
+        print(f"\nnames registered by more than one plugin (a run that asks for one fails): {', '.join(sorted(conflicts))}")
     return 0
 
 
@@ -140,7 +153,8 @@ def cmd_leaderboard(args) -> int:
     from stbench.plugins import get_plugins
 
     table, meta = leaderboard.summarise([Path(d) for d in args.run_dirs])
-    text = leaderboard.render(table, meta, get_plugins(), args.format)
+    compact = not args.output and not args.all_columns
+    text = leaderboard.render(table, meta, get_plugins(), args.format, compact=compact)
     if args.output:
         atomic.write_text(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)
@@ -152,7 +166,19 @@ def cmd_leaderboard(args) -> int:
 def cmd_data_check(args) -> int:
     from stbench.datacheck import check_dataset
 
-    print(check_dataset(args.name, args.data_dir, args.out))
+    def progress(message: str) -> None:
+        # one overwritten line on a terminal, one line per section in logs
+        if sys.stderr.isatty():
+            print(f"\r\033[Kstbench: data check: {message}", end="", file=sys.stderr, flush=True)
+        else:
+            print(f"stbench: data check: {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = check_dataset(args.name, args.data_dir, args.out, progress=progress)
+    finally:
+        if sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    print(report)
     return 0
 
 
@@ -181,6 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print("stbench: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `stbench list | head`: the reader left; not an error
+        sys.stderr.close()
+        return 0
     finally:
         warnings.formatwarning = original_format
 

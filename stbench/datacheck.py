@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -24,8 +24,12 @@ def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
     return (list(genes), "dataset panel") if genes is not None else (None, "no panel")
 
 
-def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None) -> str:
-    """The QC table of every section, and an overview PNG per imaged section under ``out_dir``."""
+def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None,
+                  progress: Optional[Callable[[str], None]] = None) -> str:
+    """The QC table of every section, and an overview PNG per imaged section under ``out_dir``.
+
+    ``progress(message)`` is called before each section (the first read of a dataset parses every
+    file and takes a while)."""
     from tabulate import tabulate
 
     from stbench.plugins import get_plugins
@@ -39,7 +43,10 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
     images = cfg.ImageConfig()
     out = Path(out_dir) if out_dir else Path("runs") / f"qc-{name}"
     totals = {"spots": 0, "zero": 0, "without_counts": 0}
-    for info in dataset.sections():
+    infos = dataset.sections()
+    for i, info in enumerate(infos, 1):
+        if progress:
+            progress(f"section {info.name} ({i}/{len(infos)})" + (", drawing its overview" if info.has_image else ""))
         s = dataset.load_section(info.name)
         library = np.asarray(s.counts.sum(axis=1)).ravel()
         qc = getattr(dataset, "qc", {}).get(info.name, {})

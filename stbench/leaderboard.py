@@ -1,8 +1,10 @@
 """Leaderboard tables generated from run directories (never edited by hand).
 
 Aggregation, stated in every table's header: a slide-level metric is averaged over the test slides of a
-fold (unweighted; slides where it is undefined are left out of that mean), then reported as mean ±
-sample standard deviation (ddof = 1) over folds. Fold-level metrics (pooled PCC, PCC@k) are mean ± std
+fold (unweighted), then reported as mean ± sample standard deviation (ddof = 1) over folds. A slide
+where a metric is undefined (fewer than two scored spots, every gene constant) is left out of that mean
+but counted: every number says how many slides and folds it used, and rows with fewer are flagged. A
+constant prediction is not undefined: it scores PCC 0 (:mod:`stbench.metrics`). Fold-level metrics (pooled PCC, PCC@k) are mean ± std
 over folds directly. Post hoc metrics (genes chosen by their test score) are kept off by default.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -29,6 +32,13 @@ DEFAULT_COLUMNS = [
     ("rvd", "RVD"),
     ("pcc_pooled", "PCC pooled"),
     ("pcc@50_train", "PCC@50 (train-chosen)"),
+]
+#: the headline columns, printed on a terminal (files get DEFAULT_COLUMNS)
+COMPACT_COLUMNS = [
+    ("pcc", "PCC"),
+    ("pcc_all", "PCC all spots"),
+    ("mae", "MAE"),
+    ("pcc@50_train", "PCC@50 train"),
 ]
 FORMATS = ("md", "csv", "latex", "html")
 
@@ -56,8 +66,38 @@ def _higher_is_better(plugins, column: str) -> Optional[bool]:
     return None
 
 
+def _column_stats(res, folds, method: str, col: str) -> dict:
+    """Mean ± std over folds of one column, with how many slides and folds it used.
+
+    A slide-level column is averaged over the slides of each fold where it is defined, then over the
+    folds where it is defined on at least one slide. Slides where it is undefined are counted, never
+    silently dropped: the caller flags numbers that used fewer slides than the row has.
+    """
+    mine = res[res["method"] == method]
+    if col in mine:
+        values = mine[["fold", col]].astype({col: float})
+        defined = values[values[col].notna()]
+        per_fold = defined.groupby("fold")[col].mean().to_numpy()
+        n_slides = len(defined)
+    else:
+        fold_rows = folds[folds["method"] == method]
+        per_fold = fold_rows[col].astype(float).dropna().to_numpy() if col in fold_rows else np.array([])
+        n_slides = None  # a fold-level metric uses every test slide of the folds it is defined on
+    return {"mean": float(per_fold.mean()) if per_fold.size else math.nan,
+            "std": float(per_fold.std(ddof=1)) if per_fold.size > 1 else math.nan,
+            "folds": int(per_fold.size), "slides": n_slides}
+
+
 def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
-    """Mean and std over folds per method and metric; returns (table of numbers, protocol)."""
+    """Mean and std over folds per method and metric; returns (table of numbers, protocol).
+
+    Per row: ``folds`` and ``slides`` (how many the method was scored on), and per column
+    ``COL:mean``, ``COL:std``, ``COL:folds`` and ``COL:slides`` (how many that number used).
+    ``missing`` counts the columns whose number used fewer slides or folds than the row has: such a
+    row is flagged in every table, so a method cannot drop the slides it scores badly on unnoticed.
+    A column that is undefined everywhere (the correlations of a constant predictor) is "undefined",
+    not missing.
+    """
     runs = [_read_run(d) for d in run_dirs]
     protocol = runs[0]["run"]["protocol"]
     for other in runs[1:]:
@@ -75,17 +115,16 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
             if config in configs.get(method, []):
                 raise ConfigError(f"method {method} with the same settings appears in more than one run directory")
             configs.setdefault(method, []).append(config)
-            per_fold = res[res["method"] == method].groupby("fold").mean(numeric_only=True)
-            fold_level = folds[folds["method"] == method].set_index("fold")
-            row = {"method": method, "folds": len(per_fold), "slides": int((res["method"] == method).sum()),
-                   "config": config}
+            n_folds = int(res.loc[res["method"] == method, "fold"].nunique())
+            n_slides = int((res["method"] == method).sum())
+            row = {"method": method, "folds": n_folds, "slides": n_slides, "config": config, "missing": 0}
             for col, _ in columns:
-                source = per_fold if col in per_fold else fold_level if col in fold_level else None
-                values = source[col].to_numpy(dtype=float) if source is not None else np.array([])
-                values = values[~np.isnan(values)]
-                row[f"{col}:mean"] = float(values.mean()) if values.size else math.nan
-                row[f"{col}:std"] = float(values.std(ddof=1)) if values.size > 1 else math.nan
-            if "pcc_skipped" in per_fold:
+                st = _column_stats(res, folds, method, col)
+                row.update({f"{col}:{k}": v for k, v in st.items()})
+                short = st["folds"] < n_folds or (st["slides"] is not None and st["slides"] < n_slides)
+                if st["folds"] > 0 and short:
+                    row["missing"] += 1
+            if "pcc_skipped" in res:
                 row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
             rows.append(row)
     # a method that appears with several settings (ablations) is labelled by how each row differs
@@ -137,55 +176,78 @@ def header_line(meta: dict) -> str:
         label = " (RANDOM INITIALISATION)" if enc.get("weights_id") == "random-init" else ""
         finetune += (f"; image features: encoder {enc.get('name')}{label}, weights {enc.get('weights_id')}, "
                      f"{p.get('images', {}).get('spot_um')} µm patches at {enc.get('input_size')} px")
+    caveats = "".join(f" Caveat: {c}." for c in p.get("caveats") or [])
     return (
         f"stbench leaderboard: benchmark {p.get('benchmark')} v{p.get('version')}, dataset {p.get('dataset')}, "
         f"split {p.get('split')} (protocol level {p.get('protocol_level')}), {panel_text}, "
         f"normalisation {p.get('normalisation')}, prompts {prompt.get('ratio')} {prompt.get('strategy')} "
         f"(seed {p.get('seed')}){finetune}; metrics on non-prompt spots unless marked 'all spots'; "
-        f"mean ± sample std over folds of the per-fold mean over test slides. "
-        f"Generated {date} with stbench {v.get('stbench')} (git {str(v.get('stbench_git'))[:10]}), "
+        f"mean ± sample std over folds of the per-fold mean over test slides; a slide whose prediction is "
+        f"constant scores PCC 0, and a method that predicts one vector everywhere by design shows 'undefined'."
+        f"{caveats} Generated {date} with stbench {v.get('stbench')} (git {str(v.get('stbench_git'))[:10]}), "
         f"numpy {v.get('numpy')}, python {v.get('python')}."
     )
 
 
-def _cell(mean: float, std: float, digits: int = 3) -> str:
+def _cell(row, col: str, digits: int = 3) -> str:
+    mean, std = row[f"{col}:mean"], row[f"{col}:std"]
     if math.isnan(mean):
         return "undefined"
-    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    text = f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    used_slides = row.get(f"{col}:slides")
+    if used_slides is not None and not math.isnan(used_slides) and used_slides < row["slides"]:
+        text += f" [{int(used_slides)}/{int(row['slides'])} slides]"
+    elif row[f"{col}:folds"] < row["folds"]:
+        text += f" [{int(row[f'{col}:folds'])}/{int(row['folds'])} folds]"
+    return text
 
 
-def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=None) -> str:
+MISSING_NOTE = ("⚠ marks rows with numbers computed on fewer slides or folds than the method was tested on "
+                "(the metric is undefined there, e.g. fewer than two scored spots); brackets give how many were used.")
+
+
+def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False) -> str:
+    """The table as text. ``compact``: the headline columns only (for terminals); files get all."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown leaderboard format {fmt!r} (option --format); choose one of {', '.join(FORMATS)}")
-    columns = [c for c in (columns or DEFAULT_COLUMNS) if f"{c[0]}:mean" in table]
+    columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in table]
     header = header_line(meta)
     if fmt == "csv":
         notes = "".join(f"# {line}\n" for line in settings_lines(meta, plugins))
         return f"# {header}\n" + notes + table.to_csv(index=False, float_format="%.6g")
     from tabulate import tabulate
 
-    labels = ["method", "folds"]
+    labels = ["method", "folds", "slides"]
     for col, label in columns:
         hib = _higher_is_better(plugins, col)
         labels.append(label + ("" if hib is None else " ↑" if hib else " ↓"))
-    labels.append("genes skipped (PCC, per slide)")
+    labels.append("genes skipped (PCC, per slide)" if not compact else "skipped")
     body = []
     for _, row in table.iterrows():
-        cells = [row["method"], int(row["folds"])]
-        cells += [_cell(row[f"{c}:mean"], row[f"{c}:std"]) for c, _ in columns]
+        flag = " ⚠" if row.get("missing", 0) else ""
+        cells = [row["method"] + flag, int(row["folds"]), int(row["slides"])]
+        cells += [_cell(row, c) for c, _ in columns]
         cells.append(f"{row.get('pcc_skipped', math.nan):.2f}")
         body.append(cells)
     notes = settings_lines(meta, plugins)
+    if (table.get("missing", pd.Series(dtype=float)) > 0).any():
+        notes.append(MISSING_NOTE)
     if fmt == "md":
+        if compact:  # for a terminal: the header wrapped, the table narrow
+            header = textwrap.fill(header, width=120)
         footer = "".join(f"\n{line}\n" for line in notes)
         return f"{header}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n" + footer
     if fmt == "html":
         import html
 
         footer = "".join(f"<p>{html.escape(line)}</p>\n" for line in notes)
-        return f"<p>{html.escape(header)}</p>\n" + tabulate(body, headers=labels, tablefmt="html", disable_numparse=True) + "\n" + footer
-    latex_body = [[str(c).replace("±", r"$\pm$").replace("_", r"\_") for c in r] for r in body]
-    latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("@", r"@").replace("_", r"\_")
+        title = html.escape(f"stbench leaderboard: {meta['protocol'].get('benchmark')}")
+        return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>{title}</title>\n</head>\n<body>\n<p>{html.escape(header)}</p>\n"
+                + tabulate(body, headers=labels, tablefmt="html", disable_numparse=True) + "\n" + footer
+                + "</body>\n</html>\n")
+    latex_body = [[str(c).replace("±", r"$\pm$").replace("⚠", r"$\dagger$").replace("_", r"\_") for c in r] for r in body]
+    latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("_", r"\_")
                     for lbl in labels]
     footer = "".join(f"% {line}\n" for line in notes)
     return f"% {header}\n" + tabulate(latex_body, headers=latex_labels, tablefmt="latex_raw", disable_numparse=True) + "\n" + footer

@@ -127,10 +127,12 @@ def leave_one_section_out(sections, seed: int, inner_val: bool = True) -> list[F
 
 
 def random_slide(sections, seed: int, n_splits: int = 5, test_fraction: float = 0.1, val_fraction: float = 0.1) -> list[Fold]:
-    """HyperST's protocol: ``n_splits`` independent shuffles of the slide list, 80/10/10 by slide.
+    """HyperST-like: ``n_splits`` independent shuffles of the slide list, 80/10/10 by slide.
 
     One RNG seeded once, then consecutive shuffles (METHODS.md §1.5), so test sets may overlap across
-    splits: this is not a partition.
+    splits: this is not a partition. It follows HyperST's recipe but cannot reproduce HyperST's own
+    splits (they came from another RNG and slide list); reading HyperST's published split files needs
+    the HEST reader (a later issue).
     """
     names = sorted(s.name for s in sections)
     n = len(names)
@@ -152,7 +154,8 @@ PROTOCOL_LEVELS = ("patient", "section", "spot")
 
 
 def check_folds(folds: list[Fold], sections: Sequence[SectionInfo], protocol_level: str, split_name: str) -> None:
-    """Refuse folds that leak: a patient on both sides, a section in two roles, unknown sections."""
+    """Refuse folds that leak: a patient on both sides, a section in two roles (train and test, train
+    and validation, validation and test), unknown sections."""
     if protocol_level not in PROTOCOL_LEVELS:
         raise ConfigError(f"protocol_level must be one of {', '.join(PROTOCOL_LEVELS)}, got {protocol_level!r}")
     patient_of = {s.name: s.patient for s in sections}
@@ -163,6 +166,10 @@ def check_folds(folds: list[Fold], sections: Sequence[SectionInfo], protocol_lev
                 raise ConfigError(f"split {split_name} fold {fold.index} names unknown sections {unknown}")
         if set(fold.test) & (set(fold.train) | set(fold.val)):
             raise ConfigError(f"split {split_name} fold {fold.index} uses a section for both training and testing")
+        if set(fold.train) & set(fold.val):
+            both = sorted(set(fold.train) & set(fold.val))
+            raise ConfigError(f"split {split_name} fold {fold.index} uses section(s) {', '.join(both)} for both training "
+                              "and validation; a validation section must be held out of training")
         if not fold.test or not fold.train:
             raise ConfigError(f"split {split_name} fold {fold.index} has an empty training or test set")
         if protocol_level == "patient":
@@ -184,5 +191,5 @@ def builtin_split_specs() -> list[SplitSpec]:
         SplitSpec("leave_one_section_out", leave_one_section_out, unit="section", params=SectionParams,
                   description="one fold per section; sections of one patient are not independent"),
         SplitSpec("random_slide", random_slide, unit="slide-random", params=RandomSlideParams,
-                  description="HyperST: 5 seeded 80/10/10 shuffles by slide (test sets may overlap)"),
+                  description="HyperST-like: 5 seeded 80/10/10 shuffles by slide (test sets may overlap; not HyperST's own splits)"),
     ]

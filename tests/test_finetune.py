@@ -2,12 +2,13 @@
 
 from dataclasses import dataclass
 
+import anndata
 import numpy as np
 import pandas as pd
 import torch
 
 from stbench.benchmark import resolve_config
-from stbench.method import FinetuneSettings
+from stbench.method import FinetuneSettings, Method
 from stbench.plugins import load_plugins
 from stbench.run import execute, resolve_plan
 from stbench.specs import MethodSpec
@@ -114,3 +115,49 @@ def test_finetune_on_the_method_does_not_touch_the_fold_model():
     twin.finetune(s.masked(np.arange(5)), FinetuneSettings(epochs=3))
     assert all(torch.equal(a, b) for a, b in zip(before, m.model.parameters()))
     assert not all(torch.equal(a, b) for a, b in zip(before, twin.model.parameters()))
+
+
+@dataclass
+class DriftConfig:
+    pass
+
+
+class Drift(Method):
+    """Fine-tuning mutates the model in place: it adds the prompt spots' mean to the stored vector. A
+    harness that fine-tuned the fold's model itself (no copy) would carry slide 1's prompts into slide 2."""
+
+    fitted: dict = {}  # fold -> the vector fit() produced (a record for the test, not a model copy)
+
+    def __init__(self, config):
+        self.vector = None
+
+    def fit(self, train, val, context):
+        self.vector = np.concatenate([s.expr for s in train + val]).mean(axis=0).astype(np.float64)
+        Drift.fitted[context.fold] = self.vector.copy()
+
+    def finetune(self, slide, settings):
+        self.vector += slide.prompt_expr.mean(axis=0)  # in place, on whatever object the harness passed
+
+    def predict(self, slide):
+        return np.tile(self.vector, (slide.n_spots, 1))
+
+
+def test_harness_fine_tunes_a_fresh_copy_of_the_fold_model_per_slide(tmp_path):
+    Drift.fitted.clear()
+    p = load_plugins(entry_points=False)
+    p.methods.add(MethodSpec("drift", Drift, DriftConfig), "test", "test")
+    conf, base = resolve_config("synthetic", sets=["dataset_options.spots_per_section=60"],
+                                shorthands={"finetune": {"enabled": True}})
+    out = tmp_path / "drift"
+    plan = resolve_plan(conf, ["drift"], out, p, base)
+    assert all(len(f.test) >= 2 for f in plan.folds), "each fold must test several slides for a leak to show"
+    execute(plan, verbose=False)
+    res = pd.read_csv(out / "results.csv")
+    assert res["finetuned"].all() and len(res) == sum(len(f.test) for f in plan.folds)
+    for row in res.itertuples():
+        ad = anndata.read_h5ad(out / "predictions" / "drift" / f"{row.slide}.h5ad")
+        prompts = ad.obs["is_prompt"].to_numpy()
+        # the fold's model, fine-tuned on this slide's prompts only
+        expected = Drift.fitted[row.fold] + ad.layers["truth"][prompts].astype(np.float64).mean(axis=0)
+        np.testing.assert_allclose(ad.X, np.tile(expected, (ad.n_obs, 1)), rtol=1e-5, atol=1e-5,
+                                   err_msg=f"slide {row.slide} of fold {row.fold}")

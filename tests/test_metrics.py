@@ -107,14 +107,61 @@ def test_constant_prediction_gene_scores_zero():
     assert M.ccc(pred, truth).n_skipped == 0
 
 
-def test_mean_baseline_pcc_is_undefined_and_says_why():
+def test_constant_prediction_on_every_gene_scores_zero_and_is_counted():
+    # a slide where the method returns one vector for every spot scores 0, not NaN: a NaN slide would
+    # drop out of the slide mean and a method could dodge its worst slides (issue 7)
     _, truth = _data((30, 6), 6)
     pred = np.tile(truth.mean(axis=0), (30, 1))
     v = M.pcc(pred, truth)
-    assert math.isnan(v.value) and (v.n_genes, v.n_skipped, v.n_pred_constant) == (6, 0, 6)
+    assert v == M.MetricValue(0.0, 6, 0, 6)
     assert M.ccc(pred, truth) == M.MetricValue(0.0, 6, 0)
     pooled = M.pcc_pooled([pred, pred], [truth, truth + 1.0])
-    assert math.isnan(pooled.value) and pooled.n_pred_constant == 6
+    assert pooled.value == 0.0 and pooled.n_pred_constant == 6
+
+
+def test_posthoc_pcc_at_k_agrees_with_pcc_on_constant_predictions():
+    _, truth = _data((30, 6), 6)
+    pred = np.tile(truth.mean(axis=0), (30, 1))
+    v = M.pcc_at_k_posthoc(3)([pred], [truth])
+    assert v.value == 0.0 and v.n_pred_constant == 6  # counted, as pcc counts them
+    pred2, _ = _data((30, 6), 9)
+    pred2[:, 0] = 1.0  # one constant gene among varying ones
+    assert M.pcc_at_k_posthoc(3)([pred2], [truth]).n_pred_constant == 1
+
+
+def test_dodging_slides_with_constants_cannot_raise_the_slide_mean():
+    rng = np.random.default_rng(3)
+    truths = [rng.normal(size=(40, 5)) for _ in range(6)]
+    honest = [t + rng.normal(scale=s, size=t.shape) for t, s in zip(truths, [0.3, 0.3, 3, 3, 3, 0.3])]
+    scores = [M.pcc(p, t).value for p, t in zip(honest, truths)]
+    worst = np.argsort(scores)[:3]
+    dodged = [np.tile(p.mean(0), (len(p), 1)) if i in worst else p for i, p in enumerate(honest)]
+    dodged_scores = [M.pcc(p, t).value for p, t in zip(dodged, truths)]
+    assert all(dodged_scores[i] == 0.0 for i in worst)
+    expected = np.mean([0.0 if i in worst else s for i, s in enumerate(scores)])
+    assert np.mean(dodged_scores) == pytest.approx(expected)
+
+
+def test_rounding_noise_around_zero_is_constant_truth():
+    # relative-to-mean alone calls ±1e-17 noise around 0 "varying" and correlates noise; the absolute
+    # floor makes it constant (skipped and counted)
+    rng = np.random.default_rng(4)
+    truth = rng.normal(size=(30, 3))
+    truth[:, 1] = rng.normal(size=30) * 1e-17
+    pred = rng.normal(size=(30, 3))
+    r = M.per_gene_pcc(pred, truth)
+    assert math.isnan(r[1]) and np.isfinite(r[[0, 2]]).all()
+    assert M.pcc(pred, truth).n_skipped == 1
+
+
+def test_constant_test_is_scale_aware():
+    # a column at 1e6 varying by 1e-3 is below float32 resolution (constant); by 10 it is not
+    base = np.full((20, 2), 1e6)
+    base[:, 0] += np.linspace(0, 1e-3, 20)
+    base[:, 1] += np.linspace(0, 10.0, 20)
+    pred = np.random.default_rng(5).normal(size=(20, 2))
+    r = M.per_gene_pcc(pred, base)
+    assert math.isnan(r[0]) and np.isfinite(r[1])
 
 
 def test_all_genes_constant_gives_nan():

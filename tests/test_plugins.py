@@ -114,20 +114,43 @@ def test_broken_plugin_warns_and_breaks_only_runs_that_need_it(monkeypatch, tmp_
     assert "broken" in out and "FAILED" in out and "torch_scatter" in out
 
 
-def test_two_plugins_registering_one_name_is_an_error_naming_both(monkeypatch):
+def test_two_plugins_registering_one_name_break_only_that_name(monkeypatch):
     _fake_entry_points(
         monkeypatch,
         FakeEntryPoint("first", lambda: _plugin_module("first", "dup"), FakeDist("pkg-one")),
         FakeEntryPoint("second", lambda: _plugin_module("second", "dup"), FakeDist("pkg-two")),
     )
-    with pytest.raises(PluginError, match=r"method 'dup' is registered twice.*first.*pkg-one.*second.*pkg-two"):
-        load_plugins()
+    p = load_plugins()  # loading does not fail: every other name stays usable
+    assert "mean" in p.methods and "dup" not in p.methods
+    assert [e.plugin for e in p.methods.conflicts["dup"]] == ["first", "second"]
+    with pytest.raises(PluginError, match=r"method 'dup' is registered by plugin 'first' \(pkg-one 1.2.3\) and plugin 'second' \(pkg-two 1.2.3\)"):
+        p.methods.get("dup")
 
 
 def test_third_party_cannot_shadow_a_builtin(monkeypatch):
     _fake_entry_points(monkeypatch, FakeEntryPoint("evil", lambda: _plugin_module("evil", "mean"), FakeDist("pkg-evil")))
-    with pytest.raises(PluginError, match="'mean' is registered twice.*mean.*stbench.*evil.*pkg-evil"):
-        load_plugins()
+    p = load_plugins()
+    with pytest.raises(PluginError, match="'mean' is registered by plugin 'mean' .*stbench.*'evil' .*pkg-evil"):
+        p.methods.get("mean")
+
+
+def test_lazy_factory_that_fails_to_import_names_plugin_and_package(monkeypatch):
+    import types
+
+    from stbench import hookimpl
+    from stbench.specs import MethodSpec
+
+    mod = types.ModuleType("broken_plugin")
+
+    @hookimpl
+    def stbench_register_methods(register):
+        register(MethodSpec("broken", "stbench_no_such_module_xyz.model:M", config=object))
+
+    mod.stbench_register_methods = stbench_register_methods
+    _fake_entry_points(monkeypatch, FakeEntryPoint("brk", lambda: mod, FakeDist("pkg-brk")))
+    p = load_plugins()
+    with pytest.raises(PluginError, match=r"method 'broken' from plugin 'brk' \(pkg-brk 1.2.3\) failed to import.*stbench_no_such_module_xyz"):
+        p.methods.load("broken")
 
 
 def test_blocked_plugin_is_skipped(monkeypatch):

@@ -110,7 +110,7 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tmp_path):
 
     out = tmp_path / "crash"
     p = load_plugins(builtins=(*plugin_loader.BUILTIN_PLUGINS,), entry_points=False)
-    p.methods.add(MethodSpec("crashy", CrashOnThirdFold, Cfg), "crashy-plugin", "test")
+    p.methods.add(MethodSpec("crashy", CrashOnThirdFold, Cfg, constant_predictor=True), "crashy-plugin", "test")
     conf, base = resolve_config("synthetic")
     with pytest.raises(KeyboardInterrupt):
         execute(resolve_plan(conf, ["crashy"], out, p, base), verbose=False)
@@ -143,7 +143,10 @@ def test_rerun_with_another_protocol_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert _run(out, "mean", "--prompt-ratio", "0.2") == 2
     err = capsys.readouterr().err
-    assert "another protocol" in err and "prompt" in err
+    assert "other settings (prompt.ratio 0.1 → 0.2)" in err
+    assert _run(out, "mean", "--seed", "1") == 2  # named as the seed, not as its consequence (other folds)
+    err = capsys.readouterr().err
+    assert "other settings (seed 0 → 1)" in err and "folds" not in err
     assert _run(out, "prompt_knn") == 0  # another method under the same protocol joins the run
 
 
