@@ -62,6 +62,9 @@ def resolve_config(dataset: Optional[str] = None, config_file: Optional[str] = N
         if isinstance(panel, dict) and len({"file", "hvg"} & set(panel)) == 1:
             # a panel is a file or a computed HVG set: a later layer choosing one replaces the other
             layer = {**layer, "panel": {"file": None, "hvg": None, **panel}}
+        if isinstance(layer.get("caveats"), list) and isinstance(merged.get("caveats"), list):
+            # caveats add up: a config file cannot silently drop the benchmark's own
+            layer = {**layer, "caveats": list(dict.fromkeys(merged["caveats"] + layer["caveats"]))}
         merged = cfg.merge(merged, layer)
     return cfg.build(cfg.RunConfig, merged, "resolved config"), base_dir
 

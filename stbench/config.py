@@ -81,6 +81,9 @@ class RunConfig:
     #: what a reader of a table must know that the numbers cannot say (e.g. a gene panel chosen with
     #: the test sections); printed in every leaderboard header
     caveats: list = field(default_factory=list)
+    #: a named set of reduced settings (e.g. the CPU preset, benchmarks/<name>/cpu.yaml); printed in
+    #: every leaderboard's footer, so a table of CPU-sized models says so
+    preset: Optional[str] = None
     dataset: str = "synthetic"
     dataset_options: dict = field(default_factory=dict)
     #: the dataset's folder; None: $STBENCH_DATA/<folder> or the user cache

@@ -213,7 +213,8 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
     columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in table]
     header = header_line(meta)
     if fmt == "csv":
-        notes = "".join(f"# {line}\n" for line in settings_lines(meta, plugins))
+        preset = [f"Preset: {meta['protocol']['preset']}."] if meta["protocol"].get("preset") else []
+        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins))
         return f"# {header}\n" + notes + table.to_csv(index=False, float_format="%.6g")
     from tabulate import tabulate
 
@@ -230,6 +231,8 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
         cells.append(f"{row.get('pcc_skipped', math.nan):.2f}")
         body.append(cells)
     notes = settings_lines(meta, plugins)
+    if meta["protocol"].get("preset"):
+        notes.insert(0, f"Preset: {meta['protocol']['preset']}.")
     if (table.get("missing", pd.Series(dtype=float)) > 0).any():
         notes.append(MISSING_NOTE)
     if fmt == "md":

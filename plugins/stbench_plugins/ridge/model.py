@@ -36,8 +36,18 @@ class Ridge(Method):
         self.x_std_[self.x_std_ == 0] = 1.0
         self.y_mean_ = y.mean(0)
         xs = (x - self.x_mean_) / self.x_std_
+        yc = y - self.y_mean_
+        if xs.shape[1] <= xs.shape[0]:
+            # w = V (Λ + α)⁻¹ Vᵀ Xᵀy from the eigendecomposition XᵀX = V Λ Vᵀ: one d×d problem instead
+            # of an SVD of the N×d design (N spots ≫ d features), and the same weights
+            lam, v = np.linalg.eigh(xs.T @ xs)
+            lam = np.clip(lam, 0.0, None)
+            vtxy = v.T @ (xs.T @ yc)
+            # a zero eigenvalue with α = 0 (a constant feature) gets weight 0, as a pseudo-inverse would
+            inverse = [np.divide(1.0, lam + a, out=np.zeros_like(lam), where=lam + a > 1e-12) for a in alphas]
+            return [v @ (vtxy * inv[:, None]) for inv in inverse]
         u, sv, vt = np.linalg.svd(xs, full_matrices=False)
-        uty = u.T @ (y - self.y_mean_)
+        uty = u.T @ yc
         return [vt.T @ ((sv / (sv**2 + a))[:, None] * uty) for a in alphas]
 
     def _predict_x(self, x, w):
