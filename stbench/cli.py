@@ -99,8 +99,8 @@ def cmd_run(args) -> int:
     outcome = execute(plan, verbose=not args.quiet)
     if outcome.units_skipped:
         print(f"stbench: {outcome.units_skipped} method x fold units were already complete and were skipped", file=sys.stderr)
-    table, meta = leaderboard.summarise([out])
-    print(leaderboard.render(table, meta, plugins, "md", compact=True))
+    rows, meta = leaderboard.summary_rows([out])
+    print(leaderboard.render(rows, meta, plugins, "md", compact=True))
     print(f"results: {out / 'results.csv'} (per slide), {out / 'fold_results.csv'} (per fold), predictions in {out / 'predictions'}")
     return 0
 
@@ -142,7 +142,7 @@ def cmd_plugins(args) -> int:
         rows.append([info.name, info.package, "ok" if info.ok else "FAILED", provided if info.ok else info.error])
     # wrapped to fit 120 columns
     print(tabulate(rows, headers=["plugin", "package", "status", "registered / error"], tablefmt="simple",
-                   maxcolwidths=[22, 16, 6, 68]))
+                   maxcolwidths=[18, 24, 6, 62]))
     if conflicts:
         print(f"\nnames registered by more than one plugin (a run that asks for one fails): {', '.join(sorted(conflicts))}")
     return 0
@@ -152,7 +152,7 @@ def cmd_leaderboard(args) -> int:
     from stbench import atomic, leaderboard
     from stbench.plugins import get_plugins
 
-    table, meta = leaderboard.summarise([Path(d) for d in args.run_dirs])
+    table, meta = leaderboard.summary_rows([Path(d) for d in args.run_dirs])
     compact = not args.output and not args.all_columns
     text = leaderboard.render(table, meta, get_plugins(), args.format, compact=compact)
     if args.output:

@@ -10,7 +10,9 @@ over folds directly. Post hoc metrics (genes chosen by their test score) are kep
 
 from __future__ import annotations
 
+import csv
 import datetime as _dt
+import io
 import json
 import math
 import textwrap
@@ -18,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 
 from stbench.errors import ConfigError
 
@@ -52,11 +53,24 @@ def _read_run(run_dir: Path) -> dict:
     versions = json.loads((run_dir / "versions.json").read_text()) if (run_dir / "versions.json").exists() else {}
     return {
         "dir": run_dir,
-        "results": pd.read_csv(run_dir / "results.csv"),
-        "folds": pd.read_csv(run_dir / "fold_results.csv"),
+        "results": _read_rows(run_dir / "results.csv"),
+        "folds": _read_rows(run_dir / "fold_results.csv"),
         "run": json.loads((run_dir / "run.json").read_text()),
         "versions": versions,
     }
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """CSV rows (plain csv, no pandas: ``stbench run`` prints a table at its end and stays fast)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _number(text) -> float:
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
 
 
 def _higher_is_better(plugins, column: str) -> Optional[bool]:
@@ -66,30 +80,32 @@ def _higher_is_better(plugins, column: str) -> Optional[bool]:
     return None
 
 
-def _column_stats(res, folds, method: str, col: str) -> dict:
-    """Mean ± std over folds of one column, with how many slides and folds it used.
+def _column_stats(res: list[dict], folds: list[dict], col: str) -> dict:
+    """Mean ± std over folds of one column of one method's rows, with how many slides and folds it used.
 
     A slide-level column is averaged over the slides of each fold where it is defined, then over the
     folds where it is defined on at least one slide. Slides where it is undefined are counted, never
     silently dropped: the caller flags numbers that used fewer slides than the row has.
     """
-    mine = res[res["method"] == method]
-    if col in mine:
-        values = mine[["fold", col]].astype({col: float})
-        defined = values[values[col].notna()]
-        per_fold = defined.groupby("fold")[col].mean().to_numpy()
-        n_slides = len(defined)
+    if res and col in res[0]:
+        by_fold: dict[str, list[float]] = {}
+        for r in res:
+            value = _number(r[col])
+            if not math.isnan(value):
+                by_fold.setdefault(r["fold"], []).append(value)
+        per_fold = np.array([np.mean(v) for v in by_fold.values()])
+        n_slides = sum(len(v) for v in by_fold.values())
     else:
-        fold_rows = folds[folds["method"] == method]
-        per_fold = fold_rows[col].astype(float).dropna().to_numpy() if col in fold_rows else np.array([])
+        values = [_number(r.get(col)) for r in folds]
+        per_fold = np.array([v for v in values if not math.isnan(v)])
         n_slides = None  # a fold-level metric uses every test slide of the folds it is defined on
     return {"mean": float(per_fold.mean()) if per_fold.size else math.nan,
             "std": float(per_fold.std(ddof=1)) if per_fold.size > 1 else math.nan,
             "folds": int(per_fold.size), "slides": n_slides}
 
 
-def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
-    """Mean and std over folds per method and metric; returns (table of numbers, protocol).
+def summary_rows(run_dirs: list[Path], columns=None) -> tuple[list[dict], dict]:
+    """Mean and std over folds per method and metric: one dict per table row, and the protocol.
 
     Per row: ``folds`` and ``slides`` (how many the method was scored on), and per column
     ``COL:mean``, ``COL:std``, ``COL:folds`` and ``COL:slides`` (how many that number used).
@@ -109,23 +125,23 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
     rows = []
     configs: dict[str, list[dict]] = {}  # method -> the hyperparameters of each of its rows
     for run in runs:
-        res, folds = run["results"], run["folds"]
-        for method in list(dict.fromkeys(res["method"])):
+        for method in dict.fromkeys(r["method"] for r in run["results"]):
+            res = [r for r in run["results"] if r["method"] == method]
+            folds = [r for r in run["folds"] if r["method"] == method]
             config = run["run"].get("methods", {}).get(method, {})
             if config in configs.get(method, []):
                 raise ConfigError(f"method {method} with the same settings appears in more than one run directory")
             configs.setdefault(method, []).append(config)
-            n_folds = int(res.loc[res["method"] == method, "fold"].nunique())
-            n_slides = int((res["method"] == method).sum())
+            n_folds, n_slides = len({r["fold"] for r in res}), len(res)
             row = {"method": method, "folds": n_folds, "slides": n_slides, "config": config, "missing": 0}
             for col, _ in columns:
-                st = _column_stats(res, folds, method, col)
+                st = _column_stats(res, folds, col)
                 row.update({f"{col}:{k}": v for k, v in st.items()})
                 short = st["folds"] < n_folds or (st["slides"] is not None and st["slides"] < n_slides)
                 if st["folds"] > 0 and short:
                     row["missing"] += 1
-            if "pcc_skipped" in res:
-                row["pcc_skipped"] = float(res.loc[res["method"] == method, "pcc_skipped"].mean())
+            if res and "pcc_skipped" in res[0]:
+                row["pcc_skipped"] = float(np.mean([_number(r["pcc_skipped"]) for r in res]))
             rows.append(row)
     # a method that appears with several settings (ablations) is labelled by how each row differs
     # from its first appearance (the reference, e.g. the full model)
@@ -140,8 +156,17 @@ def summarise(run_dirs: list[Path], columns=None) -> tuple[pd.DataFrame, dict]:
         raise ConfigError("the runs used different image encoders; a leaderboard compares one feature set")
     meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs],
             "encoder": json.loads(encoders.pop()) if encoders else None, "configs": configs}
-    table = pd.DataFrame(rows)
-    return table.drop(columns="config"), meta
+    for row in rows:
+        del row["config"]
+    return rows, meta
+
+
+def summarise(run_dirs: list[Path], columns=None):
+    """:func:`summary_rows` as a pandas DataFrame (for notebooks and tests), and the protocol."""
+    import pandas as pd
+
+    rows, meta = summary_rows(run_dirs, columns)
+    return pd.DataFrame(rows), meta
 
 
 def settings_lines(meta: dict, plugins) -> list[str]:
@@ -206,16 +231,36 @@ MISSING_NOTE = ("⚠ marks rows with numbers computed on fewer slides or folds t
                 "(the metric is undefined there, e.g. fewer than two scored spots); brackets give how many were used.")
 
 
-def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False) -> str:
-    """The table as text. ``compact``: the headline columns only (for terminals); files get all."""
+def _csv_table(rows: list[dict]) -> str:
+    out = io.StringIO()
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for r in rows:
+        cells = []
+        for c in columns:
+            v = r.get(c)
+            if isinstance(v, float):
+                cells.append("" if math.isnan(v) else f"{v:.6g}")
+            else:
+                cells.append("" if v is None else str(v))
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False) -> str:
+    """The table (rows of :func:`summary_rows`, or the DataFrame of :func:`summarise`) as text.
+    ``compact``: the headline columns only (for terminals); files get all."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown leaderboard format {fmt!r} (option --format); choose one of {', '.join(FORMATS)}")
-    columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in table]
+    rows = table.to_dict("records") if hasattr(table, "to_dict") else list(table)
+    present = set(rows[0]) if rows else set()
+    columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in present]
     header = header_line(meta)
     if fmt == "csv":
         preset = [f"Preset: {meta['protocol']['preset']}."] if meta["protocol"].get("preset") else []
         notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins))
-        return f"# {header}\n" + notes + table.to_csv(index=False, float_format="%.6g")
+        return f"# {header}\n" + notes + _csv_table(rows)
     from tabulate import tabulate
 
     labels = ["method", "folds", "slides"]
@@ -224,7 +269,7 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
         labels.append(label + ("" if hib is None else " ↑" if hib else " ↓"))
     labels.append("genes skipped (PCC, per slide)" if not compact else "skipped")
     body = []
-    for _, row in table.iterrows():
+    for row in rows:
         flag = " ⚠" if row.get("missing", 0) else ""
         cells = [row["method"] + flag, int(row["folds"]), int(row["slides"])]
         cells += [_cell(row, c) for c, _ in columns]
@@ -233,7 +278,7 @@ def render(table: pd.DataFrame, meta: dict, plugins, fmt: str = "md", columns=No
     notes = settings_lines(meta, plugins)
     if meta["protocol"].get("preset"):
         notes.insert(0, f"Preset: {meta['protocol']['preset']}.")
-    if (table.get("missing", pd.Series(dtype=float)) > 0).any():
+    if any(r.get("missing", 0) for r in rows):
         notes.append(MISSING_NOTE)
     if fmt == "md":
         if compact:  # for a terminal: the header wrapped, the table narrow

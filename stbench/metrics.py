@@ -50,13 +50,14 @@ A metric with no usable gene has ``value = NaN`` and ``n_genes = 0``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from stbench.specs import MetricSpec
+from stbench.specs import MetricSpec, resolve
 
 #: A column is constant when its population std is at most _CONST_RTOL·max|x| + _CONST_ATOL (module docstring).
 _CONST_RTOL = 1e-6
@@ -307,44 +308,17 @@ def pcc_at_k_train(k: int):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Registry
+# The registered PCC@k functions (the built-in plugin, stbench.builtin, names them lazily)
 
-_PER_SLIDE_GENE_MEAN = "per gene per slide, mean over genes (constant genes skipped), then mean over slides"
-_PER_SLIDE_ELEMENT_MEAN = "mean over spots and genes per slide, then mean over slides"
-_TOP_K = (10, 50, 200)
+pcc_at_10_posthoc, pcc_at_50_posthoc, pcc_at_200_posthoc = (pcc_at_k_posthoc(k) for k in (10, 50, 200))
+pcc_at_10_train, pcc_at_50_train, pcc_at_200_train = (pcc_at_k_train(k) for k in (10, 50, 200))
 
 
 def builtin_metric_specs() -> list[MetricSpec]:
-    """The metrics the harness reports (METHODS.md §2; headline = ``pcc``)."""
-    specs = [
-        MetricSpec("pcc", pcc, True, _PER_SLIDE_GENE_MEAN, undefined_for_constant=True,
-                   description="Pearson r per gene across a slide's spots (headline metric)"),
-        MetricSpec("ccc", ccc, True, _PER_SLIDE_GENE_MEAN,
-                   description="Lin's concordance correlation per gene, n-1 variances (as torchmetrics)"),
-        MetricSpec("mae", mae, False, _PER_SLIDE_ELEMENT_MEAN, description="mean absolute error"),
-        MetricSpec("mse", mse, False, _PER_SLIDE_ELEMENT_MEAN, description="mean squared error"),
-        MetricSpec("rvd", rvd, False, _PER_SLIDE_GENE_MEAN,
-                   description="relative variance distance, Stem: (var_p - var_t)^2 / var_t^2, population variances"),
-        MetricSpec("rvd_triplex", rvd_triplex, False, _PER_SLIDE_GENE_MEAN,
-                   description="relative variance distance, TRIPLEX RVDMetric: ((var_p - var_t) / (var_t + 0.01))^2"),
-        MetricSpec("pcc_pooled", pcc_pooled, True,
-                   "per gene over the fold's test spots pooled across slides, mean over genes (constant genes skipped)",
-                   level="fold", undefined_for_constant=True,
-                   description="Pearson r per gene on all test spots of the fold pooled"),
-    ]
-    for k in _TOP_K:
-        specs.append(MetricSpec(
-            f"pcc@{k}_posthoc", pcc_at_k_posthoc(k), True,
-            f"per gene over the fold's pooled test spots (undefined genes = 0), mean of the {k} highest",
-            level="fold", undefined_for_constant=True,
-            description=f"HyperST/Stem PCC@{k}: genes ranked by their own test PCC: post hoc, not a leaderboard metric"))
-    for k in _TOP_K:
-        specs.append(MetricSpec(
-            f"pcc@{k}_train", pcc_at_k_train(k), True,
-            f"per gene per slide on the {k} selected genes, mean over genes (constant genes skipped), then mean over slides",
-            level="fold", undefined_for_constant=True,
-            description=f"PCC over the top-{k} genes by training mean expression, chosen from training slides only"))
-    return specs
+    """The metrics the harness reports (METHODS.md §2; headline = ``pcc``), functions imported."""
+    from stbench.builtin import metric_specs
+
+    return [dataclasses.replace(spec, func=resolve(spec.func)) for spec in metric_specs()]
 
 
 __all__ = [

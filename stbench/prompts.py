@@ -23,6 +23,7 @@ one, at most N − 1).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import numbers
@@ -519,14 +520,8 @@ def select_prompts(strategy: Strategy, coords: np.ndarray, ratio: float, slide_n
 
 
 def builtin_prompt_specs() -> list:
-    """The four built-in strategies of METHODS.md §9.2, as :class:`PromptSpec` items."""
-    note = "parameters are the project's inference, METHODS.md AMB-27"
-    return [
-        PromptSpec("random", random_prompts, f"uniform random spots without replacement ({note})"),
-        PromptSpec("poisson_disc", poisson_disc_prompts,
-                   f"blue-noise spots with a bisected minimum pairwise distance ({note})"),
-        PromptSpec("sparse_square", sparse_square_prompts,
-                   f"four square windows, one per median quadrant, n/4 spots each ({note})"),
-        PromptSpec("dense_square", dense_square_prompts,
-                   f"one contiguous square window of n spots at a random position ({note})"),
-    ]
+    """The four built-in strategies of METHODS.md §9.2 (defined in :mod:`stbench.builtin`), functions
+    imported."""
+    from stbench.builtin import prompt_specs
+
+    return [dataclasses.replace(spec, func=resolve(spec.func)) for spec in prompt_specs()]

@@ -24,6 +24,7 @@ leaves a damaged part) and started again neither loses nor duplicates rows.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 from typing import Optional
@@ -63,13 +64,11 @@ class RunDir:
     def write_unit(self, method: str, fold: int, slide_rows: list[dict], fold_row: dict,
                    versions: Optional[dict] = None) -> None:
         """Record one method x fold. The fold file is written last: its presence means "done"."""
-        import pandas as pd
-
-        atomic.write_text(self.part(method, fold, "slides"), pd.DataFrame(slide_rows).to_csv(index=False))
+        atomic.write_text(self.part(method, fold, "slides"), _to_csv(slide_rows))
         if versions is not None:
             path = self.root / "parts" / method / f"fold{fold}.versions.json"
             atomic.write_text(path, json.dumps(versions, indent=2, default=str) + "\n")
-        atomic.write_text(self.part(method, fold, "fold"), pd.DataFrame([fold_row]).to_csv(index=False))
+        atomic.write_text(self.part(method, fold, "fold"), _to_csv([fold_row]))
 
     def append_versions(self, invocation: dict) -> None:
         """versions.json: the latest invocation's record at the top level (what tables print) and every
@@ -78,28 +77,55 @@ class RunDir:
         history = list(old.get("invocations", []))
         self.write_json("versions.json", {**invocation, "invocations": history + [invocation]})
 
-    def merge(self):
-        """Rebuild results.csv and fold_results.csv from the completed parts."""
-        import pandas as pd
+    def merge(self) -> tuple[list[dict], list[dict]]:
+        """Rebuild results.csv and fold_results.csv from the completed parts; returns their rows.
 
+        Plain CSV (no pandas: a resumed run whose units are all done stays fast). A column absent
+        from some parts is empty there, except the ``*_skipped`` / ``*_pred_constant`` counts, which
+        are 0."""
         slides, folds = [], []
         for fold_file in sorted((self.root / "parts").glob("*/fold*.fold.csv")):
             slide_file = fold_file.with_name(fold_file.name.replace(".fold.csv", ".slides.csv"))
             if not (_csv_rows(fold_file) == 1 and _csv_rows(slide_file) >= 1):
                 continue  # damaged by a crash: the unit is not done and runs again
-            folds.append(pd.read_csv(fold_file))
-            slides.append(pd.read_csv(slide_file))
-        results = pd.concat(slides, ignore_index=True) if slides else pd.DataFrame(columns=ID_COLUMNS)
-        fold_results = pd.concat(folds, ignore_index=True) if folds else pd.DataFrame(columns=["method", "fold"])
-        for frame in (results, fold_results):  # counts absent from some parts are zero, not missing
-            for col in [c for c in frame if c.endswith(("_skipped", "_pred_constant"))]:
-                frame[col] = frame[col].fillna(0).astype(int)
-        if len(results):
-            results = results.sort_values(["method", "fold", "slide"], kind="stable").reset_index(drop=True)
-            fold_results = fold_results.sort_values(["method", "fold"], kind="stable").reset_index(drop=True)
-        atomic.write_text(self.root / "results.csv", results.to_csv(index=False))
-        atomic.write_text(self.root / "fold_results.csv", fold_results.to_csv(index=False))
-        return results, fold_results
+            folds += _read_csv(fold_file)
+            slides += _read_csv(slide_file)
+        order = lambda r: (r["method"], int(r["fold"]), r.get("slide", ""))  # noqa: E731
+        slides.sort(key=order)
+        folds.sort(key=order)
+        atomic.write_text(self.root / "results.csv", _to_csv(slides, ID_COLUMNS))
+        atomic.write_text(self.root / "fold_results.csv", _to_csv(folds, ["method", "fold"]))
+        return slides, folds
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value != value:  # NaN: an empty cell, as pandas writes it
+        return ""
+    return str(value)
+
+
+def _to_csv(rows: list[dict], empty_columns: Optional[list[str]] = None) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or list(empty_columns or [])
+    counts = [c for c in columns if c.endswith(("_skipped", "_pred_constant"))]
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        values = [_cell(row.get(c)) for c in columns]
+        for c in counts:  # a count absent from a part is zero, not missing
+            k = columns.index(c)
+            values[k] = values[k] or "0"
+            if values[k].endswith(".0"):
+                values[k] = values[k][:-2]
+        writer.writerow(values)
+    return out.getvalue()
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
 
 
 def _csv_rows(path: Path) -> int:
@@ -116,29 +142,26 @@ def _csv_rows(path: Path) -> int:
 
 def write_prediction(path: Path, slide, pred, is_prompt, fold: int, method: str, units: str) -> None:
     """Save one slide's predictions as AnnData: X = prediction, layer ``truth``, obs per spot."""
-    import anndata
     import numpy as np
-    import pandas as pd
 
-    obs = pd.DataFrame(
-        {
-            "spot_id": np.asarray(slide.spot_ids, dtype=str),
-            "grid_x": slide.grid[:, 0],
-            "grid_y": slide.grid[:, 1],
-            "pixel_x": slide.pixel[:, 0],
-            "pixel_y": slide.pixel[:, 1],
-            "is_prompt": is_prompt,
-            "fold": fold,
-        },
-        index=pd.Index(np.asarray(slide.spot_ids, dtype=str), name="spot"),
-    )
-    var = pd.DataFrame(index=pd.Index(np.asarray(slide.genes, dtype=str), name="gene"))
-    adata = anndata.AnnData(X=np.asarray(pred, dtype=np.float32), obs=obs, var=var)
-    adata.layers["truth"] = np.asarray(slide.expr, dtype=np.float32)
-    adata.obsm["spatial"] = np.asarray(slide.pixel, dtype=np.float64)
-    adata.uns["stbench"] = {
+    from stbench.h5ad import write_h5ad
+
+    spot_ids = np.asarray(slide.spot_ids, dtype=str)
+    obs = {
+        "spot_id": spot_ids,
+        "grid_x": np.asarray(slide.grid[:, 0]),
+        "grid_y": np.asarray(slide.grid[:, 1]),
+        "pixel_x": np.asarray(slide.pixel[:, 0]),
+        "pixel_y": np.asarray(slide.pixel[:, 1]),
+        "is_prompt": np.asarray(is_prompt, dtype=bool),
+        "fold": np.full(len(spot_ids), int(fold), dtype=np.int64),
+    }
+    uns = {"stbench": {
         "method": method, "slide": slide.name, "patient": slide.patient, "fold": int(fold),
         "units": units, "mpp": float(slide.mpp) if slide.mpp is not None else -1.0,
-    }
+    }}
     with atomic.atomic_path(path) as tmp:
-        adata.write_h5ad(tmp)
+        write_h5ad(tmp, np.asarray(pred, dtype=np.float32), spot_ids, obs, np.asarray(slide.genes, dtype=str),
+                   layers={"truth": np.asarray(slide.expr, dtype=np.float32)},
+                   obsm={"spatial": np.asarray(slide.pixel, dtype=np.float64)}, uns=uns,
+                   obs_index_name="spot", var_index_name="gene")

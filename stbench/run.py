@@ -117,7 +117,7 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         config.split, config.protocol_level = "leave_one_section_out", "section"
         config.split_params = {k: v for k, v in config.split_params.items() if k == "inner_val"}
         sspec = plugins.splits.get(config.split)
-    params = cfg.build(sspec.params, config.split_params, "split_params") if sspec.params else None
+    params = cfg.build(plugins.splits.load(config.split, "params"), config.split_params, "split_params") if sspec.params else None
     kwargs = vars(params) if params is not None else {}
     folds = plugins.splits.load(config.split, "func")(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
@@ -382,8 +382,9 @@ def _metric_columns(prefix: str, value: MetricValue, method=None, metric=None) -
 @dataclass
 class RunOutcome:
     out_dir: Path
-    results: Any
-    fold_results: Any
+    #: the rows of results.csv and fold_results.csv, as written (strings)
+    results: list
+    fold_results: list
     units_run: int
     units_skipped: int
 

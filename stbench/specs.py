@@ -105,13 +105,14 @@ class SplitSpec:
         unit: what the protocol holds out: ``"patient"`` (patients never cross train and test),
             ``"section"`` or ``"slide-random"`` (may put one patient's sections on both sides; the harness
             refuses those unless the benchmark declares a section-level protocol).
-        params: a dataclass type of the protocol's parameters, or None.
+        params: a dataclass type of the protocol's parameters (or a lazy ``"module:Class"`` string),
+            or None.
     """
 
     name: str
     func: Factory
     unit: str = "patient"
-    params: Optional[type] = None
+    params: Optional[Factory] = None
     description: str = ""
 
 

@@ -8,6 +8,7 @@ declares a section- or spot-level protocol.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from stbench.data.model import SectionInfo
 from stbench.errors import ConfigError
-from stbench.specs import SplitSpec
+from stbench.specs import SplitSpec, resolve
 
 
 @dataclass(frozen=True)
@@ -183,13 +184,8 @@ def check_folds(folds: list[Fold], sections: Sequence[SectionInfo], protocol_lev
 
 
 def builtin_split_specs() -> list[SplitSpec]:
-    return [
-        SplitSpec("leave_one_patient_out", leave_one_patient_out, unit="patient", params=PatientParams,
-                  description="one fold per patient; one other patient validates"),
-        SplitSpec("patient_kfold", patient_kfold, unit="patient", params=KFoldParams,
-                  description="patients shuffled (seeded) into k groups; one training patient validates"),
-        SplitSpec("leave_one_section_out", leave_one_section_out, unit="section", params=SectionParams,
-                  description="one fold per section; sections of one patient are not independent"),
-        SplitSpec("random_slide", random_slide, unit="slide-random", params=RandomSlideParams,
-                  description="HyperST-like: 5 seeded 80/10/10 shuffles by slide (test sets may overlap; not HyperST's own splits)"),
-    ]
+    """The built-in split protocols (defined in :mod:`stbench.builtin`), functions imported."""
+    from stbench.builtin import split_specs
+
+    return [dataclasses.replace(spec, func=resolve(spec.func), params=resolve(spec.params) if spec.params else None)
+            for spec in split_specs()]

@@ -66,9 +66,8 @@ def normaliser(name: str) -> Callable[[sp.csr_matrix, np.ndarray], np.ndarray]:
 
 def make_slide(section: Section, genes: Sequence[str], normalisation: str) -> Slide:
     """Restrict a section to ``genes`` (in that order) and normalise it."""
-    import pandas as pd
-
-    cols = pd.Index(np.asarray(section.genes, dtype=str)).get_indexer(np.asarray(list(genes), dtype=str))
+    position = {g: i for i, g in enumerate(np.asarray(section.genes, dtype=str).tolist())}
+    cols = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]
     if missing:
         raise DataError(

@@ -177,7 +177,7 @@ class Slide:
             raise ValueError(f"slide {self.name} is already masked")
         prompt_idx = np.asarray(prompt_idx, dtype=np.int64)
         # the section stays for image access, without its raw counts (they are the truth too)
-        section = self.section  # BRK
+        section = dataclasses.replace(self.section, counts=None) if self.section is not None else None
         return dataclasses.replace(
             self, expr=None, prompt_idx=prompt_idx, prompt_expr=self.expr[prompt_idx].copy(), section=section
         )

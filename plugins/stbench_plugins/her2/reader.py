@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 
 from stbench.atomic import atomic_path
@@ -63,7 +62,10 @@ CACHE_VERSION = 1
 
 _SPOT_ID = re.compile(r"^(\d+)x(\d+)$")
 # What a truncated, corrupt or mis-encoded file raises while it is read (BadGzipFile is an OSError).
-_READ_ERRORS = (EOFError, zlib.error, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError)
+def _read_errors() -> tuple:
+    import pandas as pd  # only a parse (a cache miss) needs pandas
+
+    return (EOFError, zlib.error, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError)
 
 
 def _fail(path: Path, problem: str, fix: str) -> DataError:
@@ -175,6 +177,8 @@ class Her2Dataset(Dataset):
 
 def _parse(counts_path: Path, spots_path: Path) -> dict:
     """Read, validate and join one section's two files into the arrays that are cached."""
+    import pandas as pd
+
     spot_ids, genes, values = _read_counts(counts_path)
     row_ids, new, pixel, selected = _read_spots(spots_path)
 
@@ -210,6 +214,8 @@ def _parse(counts_path: Path, spots_path: Path) -> dict:
 
 def _read_counts(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Spot ids, gene names and the (spots, genes) integer count matrix of one ST-cnts file."""
+    import pandas as pd
+
     fix = f"re-download the file from {SOURCE}ST-cnts/ (a gzipped, tab-separated spots x genes table)"
     try:
         # The header is read by hand because pandas renames duplicated columns (GENE -> GENE.1).
@@ -220,7 +226,7 @@ def _read_counts(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             raise _fail(path, f"the header has a single column, so no genes{sep}",
                         f"the file must be tab-separated; {fix}")
         df = pd.read_csv(path, sep="\t", index_col=0, low_memory=False)
-    except _READ_ERRORS as e:
+    except _read_errors() as e:
         raise _fail(path, f"cannot read the gzipped TSV ({_kind(e)}: {e})", fix) from None
 
     # Python writes an empty first header field above the ids, R's write.table writes none.
@@ -265,10 +271,12 @@ def _read_counts(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _read_spots(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Spot ids, (new_x, new_y), (pixel_x, pixel_y) and the selected flag of one ST-spotfiles file."""
+    import pandas as pd
+
     fix = f"expected tab-separated columns {' '.join(SPOT_COLUMNS)} [selected], as in {SOURCE}ST-spotfiles/"
     try:
         df = pd.read_csv(path, sep="\t")
-    except _READ_ERRORS as e:
+    except _read_errors() as e:
         raise _fail(path, f"cannot read the TSV ({_kind(e)}: {e})", fix) from None
     missing = [c for c in SPOT_COLUMNS if c not in df.columns]
     if missing:
