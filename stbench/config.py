@@ -46,6 +46,8 @@ class PanelConfig:
     file: Optional[str] = None
     #: instead: compute this many highly variable genes on each fold's training sections
     hvg: Optional[int] = None
+    #: instead: HyperST's high-mean high-variance genes (METHODS.md §1.4), on each fold's training sections
+    hmhvg: Optional[int] = None
 
 
 @dataclass

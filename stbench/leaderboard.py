@@ -190,7 +190,8 @@ def header_line(meta: dict) -> str:
     v = meta["versions"]
     panel = p.get("panel", {})
     panel_text = (f"panel {panel.get('file')}" if panel.get("file") else
-                  f"panel {panel.get('hvg')} HVGs per fold (training sections)" if panel.get("hvg") else "dataset panel")
+                  f"panel {panel.get('hvg')} HVGs per fold (training sections)" if panel.get("hvg") else
+                  f"panel {panel.get('hmhvg')} HMHVGs per fold (training sections)" if panel.get("hmhvg") else "dataset panel")
     prompt = p.get("prompt", {})
     ft = p.get("finetune", {})
     finetune = (f"; methods that allow it are fine-tuned on each test slide's prompts ({ft.get('epochs')} epochs)"

@@ -38,6 +38,7 @@ BUILTIN_PLUGINS = (
     "stbench_plugins.prompt_knn",
     "stbench_plugins.ridge",
     "stbench_plugins.phg2st",
+    "stbench_plugins.hyperst",
     "stbench_plugins.hefeat",
     "stbench_plugins.timm_encoders",
 )

@@ -29,9 +29,10 @@ from stbench import atomic
 from stbench import config as cfg
 from stbench.lock import RunLock
 from stbench.benchmark import panel_path
-from stbench.data.expression import UNITS, highly_variable_genes, make_slide, read_panel_file
+from stbench.data.expression import (UNITS, high_mean_high_variance_genes, highly_variable_genes, make_slide,
+                                     read_panel_file)
 from stbench.data.model import Section, SectionInfo, Slide
-from stbench.errors import ConfigError, DataError, StbenchError
+from stbench.errors import ConfigError, DataError
 from stbench.method import FinetuneSettings, FitContext, Method
 from stbench.metrics import MetricValue
 from stbench.plugins import Plugins
@@ -61,6 +62,10 @@ class Plan:
     folds: list[Fold] = field(default_factory=list)
     encoder: Any = None  # built only when a method needs image features
     patch_specs: list = field(default_factory=list)
+    #: what each method needs with its settings (MethodSpec.needs_for)
+    needs: dict = field(default_factory=dict)
+    #: every patch (stbench.images.patches.PatchRequest) a method of the run reads
+    patch_requests: list = field(default_factory=list)
 
 
 def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, plugins: Plugins,
@@ -83,8 +88,8 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         plugins.metrics.get(name, "config key metrics")
     plugins.prompts.get(config.prompt.strategy, "option --prompt-strategy / key prompt.strategy")
     n_prompts(100, config.prompt.ratio)  # validates the ratio with the one shared message
-    if config.panel.file and config.panel.hvg:
-        raise ConfigError("panel: give either file or hvg, not both")
+    if sum(bool(x) for x in (config.panel.file, config.panel.hvg, config.panel.hmhvg)) > 1:
+        raise ConfigError("panel: give one of file, hvg or hmhvg, not several")
 
     from stbench.data.expression import normaliser
 
@@ -99,7 +104,8 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     dataset = plugins.datasets.load(config.dataset)(data_dir, options)
 
     sections = list(dataset.sections())
-    if any(IMAGE_NEEDS & set(plugins.methods.get(m).needs) for m in methods):
+    needs = {m: plugins.methods.get(m).needs_for(c) for m, c in methods.items()}  # from each method's settings
+    if any(IMAGE_NEEDS & needs[m] for m in methods):
         imaged = [s for s in sections if s.has_image]
         if not imaged:
             raise DataError(f"the methods {', '.join(methods)} need images, and no section of dataset {config.dataset} has one")
@@ -122,7 +128,10 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     folds = plugins.splits.load(config.split, "func")(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
     plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
-    kinds = sorted({FEATURE_KINDS[n] for m in methods for n in plugins.methods.get(m).needs if n in FEATURE_KINDS})
+    plan.needs = needs
+    plan.patch_requests = sorted({r for m, c in methods.items() for r in plugins.methods.get(m).patches_for(c)},
+                                 key=lambda r: r.name)
+    kinds = sorted({FEATURE_KINDS[n] for m in methods for n in needs[m] if n in FEATURE_KINDS})
     if kinds:
         from stbench.images.geometry import PatchSpec
 
@@ -258,6 +267,7 @@ class SlideStore:
         self._fixed_panel: Optional[list[str]] = None
         self._fold_panels: dict[tuple, list[str]] = {}
         self._features: dict[str, dict] = {}
+        self._patches: dict[str, dict] = {}
         self._measured_everywhere: Optional[set] = None
 
     def section(self, name: str) -> Section:
@@ -267,14 +277,18 @@ class SlideStore:
 
     def panel(self, fold: Fold) -> list[str]:
         pconf = self.plan.config.panel
-        if pconf.hvg:
+        if pconf.hvg or pconf.hmhvg:
             key = fold.train + fold.val
             if key not in self._fold_panels:  # chosen on the fold's training side only
                 if self._measured_everywhere is None:  # test sections must have the chosen genes
                     genes = [set(np.asarray(self.section(i.name).genes, dtype=str)) for i in self.plan.sections]
                     self._measured_everywhere = set.intersection(*genes)
-                self._fold_panels[key] = highly_variable_genes([self.section(s) for s in key], int(pconf.hvg),
-                                                               candidates=self._measured_everywhere)
+                training = [self.section(s) for s in key]
+                if pconf.hvg:
+                    chosen = highly_variable_genes(training, int(pconf.hvg), candidates=self._measured_everywhere)
+                else:
+                    chosen = high_mean_high_variance_genes(training, int(pconf.hmhvg), candidates=self._measured_everywhere)
+                self._fold_panels[key] = chosen
             return self._fold_panels[key]
         if self._fixed_panel is None:
             if pconf.file:
@@ -319,13 +333,29 @@ class SlideStore:
             self._features[info.name] = prepared
         self.feature_counts = (features.computed, features.loaded)
 
+    def prepare_patches(self, progress: Optional[Callable[[str], None]] = None) -> None:
+        """Cut (or open from the cache) the patches the methods declared, section by section."""
+        if not self.plan.patch_requests:
+            return
+        from stbench.images.patches import PatchStore
+        from stbench.paths import cache_dir
+
+        store = PatchStore(cache_dir(), self.plan.config.dataset, min_inside=self.plan.config.images.min_inside,
+                           progress=progress)
+        for info in self.plan.sections:
+            self._patches[info.name] = store.get(self.section(info.name), self.plan.patch_requests)
+        self.patch_counts = (store.computed, store.loaded)
+
     def slide(self, name: str, genes: list[str]) -> Slide:
         key = (name, hashlib.sha1("\n".join(genes).encode()).hexdigest())
         if key not in self._slides:
-            slide = make_slide(self.section(name), genes, self.plan.config.normalisation)
+            niche = any("niche_expression" in n for n in self.plan.needs.values())
+            slide = make_slide(self.section(name), genes, self.plan.config.normalisation, niche=niche)
             slide.features = self._features.get(name, {})
+            slide.patches = self._patches.get(name, {})  # read-only memory maps, shared, never copied
             # shared by every fold and method: read-only, so no plugin can corrupt a later fold's truth
-            for array in (slide.expr, slide.grid, slide.pixel, *slide.features.values()):
+            for array in (slide.expr, slide.grid, slide.pixel, slide.niche_expr, slide.niche_complete,
+                          *slide.features.values()):
                 if isinstance(array, np.ndarray):
                     array.flags.writeable = False
             self._slides[key] = slide
@@ -449,6 +479,7 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     if verbose:
         progress = lambda msg: print(f"stbench: {msg}", file=sys.stderr, flush=True)  # noqa: E731
     store.prepare_features(progress)
+    store.prepare_patches(progress)
     # provenance before any method runs, so even a run that dies later says what it was
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))

@@ -18,11 +18,14 @@ NEEDS = {
     "expression": "normalised panel expression of training slides and of test prompt spots",
     "coords": "spot grid and pixel coordinates",
     "image": "the section's full-resolution image (methods that cut their own patches)",
-    "image_patches": "RGB spot patches at a stated size in µm (methods that train or fine-tune an encoder)",
+    "image_patches": "RGB patches (spot, niche or 5x5 neighbour) at a stated size in µm and output pixels, "
+                     "declared in MethodSpec.patches (methods that train their own backbone)",
     "image_features": "frozen encoder features of each spot patch",
     "neighbour_features": "frozen encoder features of each spot's 5x5 neighbour grid, with an in-image mask",
     "niche_features": "frozen encoder features of a patch covering the spot and its lattice neighbours",
     "slide_context": "the whole slide at once (slide-level models)",
+    "niche_expression": "each spot's niche profile: the normalised mean raw counts of the spot and its lattice "
+                        "neighbours (training slides; HyperST)",
 }
 
 
@@ -46,7 +49,15 @@ class MethodSpec:
         factory: ``factory(config) -> stbench.method.Method``; ``config`` is an instance of ``config``.
         config: a dataclass type whose field defaults are the method's hyperparameters (the one source
             of its defaults); ``--set methods.NAME.FIELD=VALUE`` overrides them.
-        needs: what the harness must prepare, a subset of :data:`NEEDS`.
+        needs: what the harness must prepare, a subset of :data:`NEEDS`; or a function
+            ``needs(config) -> iterable`` when it depends on the method's settings (a frozen-feature
+            variant and a trainable variant of one method read different inputs, and a run prepares
+            only what the chosen variant reads).
+        patches: with ``image_patches`` among the needs, the patches to cut: a tuple of
+            :class:`stbench.images.patches.PatchRequest` (kind, size in µm, output pixels), or a
+            function ``patches(config) -> iterable``. The harness cuts them once per section, caches
+            them on disk and attaches them to every slide as read-only memory-mapped uint8 arrays
+            (``slide.patches[request.name]``).
         finetune: whether the harness's prompt fine-tuning protocol (METHODS.md §9.1) applies when it is
             switched on; retrieval methods such as BLEEP declare ``False``.
         constant_predictor: the method predicts one vector for every spot of a slide by design (the
@@ -63,7 +74,8 @@ class MethodSpec:
     name: str
     factory: Factory
     config: type
-    needs: frozenset = frozenset({"expression"})
+    needs: Union[frozenset, Callable[[Any], Any]] = frozenset({"expression"})
+    patches: Union[tuple, Callable[[Any], Any]] = ()
     finetune: bool = True
     constant_predictor: bool = False
     test_settings: dict = field(default_factory=dict)
@@ -71,9 +83,25 @@ class MethodSpec:
     reference: str = ""
 
     def __post_init__(self):
-        unknown = set(self.needs) - set(NEEDS)
+        if not callable(self.needs):
+            self._check(self.needs)
+
+    def _check(self, needs) -> frozenset:
+        needs = frozenset(needs) | {"expression"}
+        unknown = needs - set(NEEDS)
         if unknown:
             raise ValueError(f"method {self.name!r} declares unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
+        return needs
+
+    def needs_for(self, config: Any) -> frozenset:
+        """What this method, with these settings, needs the harness to prepare."""
+        return self._check(self.needs(config) if callable(self.needs) else self.needs)
+
+    def patches_for(self, config: Any) -> tuple:
+        """The patch requests of this method with these settings (empty unless it needs image_patches)."""
+        if "image_patches" not in self.needs_for(config):
+            return ()
+        return tuple(self.patches(config) if callable(self.patches) else self.patches)
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,10 @@ def _session_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    """No test reads the user's cache, data or installed third-party plugins."""
+def _isolated(monkeypatch, tmp_path_factory):
+    """No test reads the user's cache, data or installed third-party plugins, or writes into the
+    working tree (default output folders such as runs/ are relative to the current directory)."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
     monkeypatch.delenv("STBENCH_DATA", raising=False)
     monkeypatch.delenv("STBENCH_BLOCK_PLUGINS", raising=False)
     monkeypatch.setenv("STBENCH_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -8,8 +8,9 @@ Normalisations (METHODS.md §1.3; the benchmark names one, never mixed):
 
 A spot with zero counts has no library size: its normalised expression is 0 (not NaN, not inf).
 
-Panels: a fixed list (the benchmark's file, or the dataset's own panel), or highly variable genes
-computed on the **training sections only** (Seurat-flavour dispersion).
+Panels: a fixed list (the benchmark's file, or the dataset's own panel), or genes computed on the
+**training sections only**: highly variable genes (Seurat-flavour dispersion), or HyperST's high-mean
+high-variance genes (METHODS.md §1.4).
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def normaliser(name: str) -> Callable[[sp.csr_matrix, np.ndarray], np.ndarray]:
     return NORMALISATIONS[name]
 
 
-def make_slide(section: Section, genes: Sequence[str], normalisation: str) -> Slide:
-    """Restrict a section to ``genes`` (in that order) and normalise it."""
+def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche: bool = False) -> Slide:
+    """Restrict a section to ``genes`` (in that order) and normalise it. ``niche``: also compute each
+    spot's niche expression profile (:func:`niche_expression`)."""
     position = {g: i for i, g in enumerate(np.asarray(section.genes, dtype=str).tolist())}
     cols = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]
@@ -78,7 +80,10 @@ def make_slide(section: Section, genes: Sequence[str], normalisation: str) -> Sl
     cols = cols.astype(np.int64)
     counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
     expr = normaliser(normalisation)(sp.csr_matrix(counts), cols).astype(np.float32)
+    niche_expr, niche_complete = niche_expression(section, cols, normalisation) if niche else (None, None)
     return Slide(
+        niche_expr=niche_expr,
+        niche_complete=niche_complete,
         name=section.name,
         patient=section.patient,
         spot_ids=np.asarray(section.spot_ids),
@@ -92,6 +97,32 @@ def make_slide(section: Section, genes: Sequence[str], normalisation: str) -> Sl
         spot_pitch_um=section.spot_pitch_um,
         section=section,
     )
+
+
+#: lattice neighbours of a complete niche: the 3×3 block on a square lattice, the hex rosette on Visium
+NICHE_SIZE = {"square": 8, "hex": 6}
+
+
+def niche_expression(section: Section, panel_cols: np.ndarray, normalisation: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each spot's niche profile: the benchmark's normalisation applied to the mean raw count vector of
+    the spot and its lattice neighbours (HyperST, METHODS.md §7.1: log2(1 + mean raw counts) with
+    ``log2_raw``), and whether the niche is complete (every lattice neighbour present).
+
+    Returns ``(expr (N, G) float32, complete (N,) bool)``.
+    """
+    from stbench.images.geometry import lattice_neighbours
+
+    neighbours = lattice_neighbours(section.grid, section.lattice)
+    rows = np.concatenate([np.full(len(nb) + 1, i) for i, nb in enumerate(neighbours)])
+    cols = np.concatenate([np.r_[i, nb] for i, nb in enumerate(neighbours)])
+    weights = np.concatenate([np.full(len(nb) + 1, 1.0 / (len(nb) + 1)) for nb in neighbours])
+    n = section.n_spots
+    average = sp.csr_matrix((weights, (rows, cols)), shape=(n, n))
+    counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
+    mean_counts = sp.csr_matrix(average @ sp.csr_matrix(counts, dtype=np.float64))
+    expr = normaliser(normalisation)(mean_counts, np.asarray(panel_cols)).astype(np.float32)
+    complete = np.array([len(nb) == NICHE_SIZE[section.lattice] for nb in neighbours], dtype=bool)
+    return expr, complete
 
 
 def read_panel_file(path) -> list[str]:
@@ -156,3 +187,58 @@ def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int =
     z[mean <= 0] = -np.inf
     order = sorted(range(len(genes)), key=lambda i: (-z[i], genes[i]))
     return [genes[i] for i in order[:n_top]]
+
+
+#: HyperST drops mitochondrial and ribosomal genes by these name prefixes (METHODS.md §1.4 step 3)
+HMHVG_EXCLUDED_PREFIXES = ("MT", "mt", "RP", "rp")
+
+
+def high_mean_high_variance_genes(sections: Sequence[Section], n_top: int = 200, per_section_hvg: int = 2000,
+                                  candidates: "set[str] | None" = None) -> list[str]:
+    """HyperST's top-``n_top`` HMHVG panel (METHODS.md §1.4), computed on the given (training) sections.
+
+    1. genes measured in every section (and among ``candidates``);
+    2. the union of each section's ``per_section_hvg`` highly variable genes (median-library
+       normalisation, log1p, Seurat-flavour dispersion: :func:`highly_variable_genes` on that section);
+    3. without genes whose name starts with MT, mt, RP or rp;
+    4. each gene's mean and standard deviation of the raw counts pooled over all spots;
+    5. the intersection of the top-n by mean and the top-n by std for the smallest n that gives at
+       least ``n_top`` genes (the project's deterministic reading of HyperST's hand-tuned n, AMB-4);
+       when that intersection is larger, the ``n_top`` with the smallest mean-rank + std-rank (ties by
+       name). Returned in alphabetical order, as HyperST sorts its list.
+    """
+    common = set(sections[0].genes)
+    for s in sections[1:]:
+        common &= set(s.genes)
+    if candidates is not None:
+        common &= set(candidates)
+    union: set = set()
+    for s in sections:
+        k = min(per_section_hvg, len(common))
+        union |= set(highly_variable_genes([s], k, candidates=common))
+    genes = sorted(str(g) for g in union if not str(g).startswith(HMHVG_EXCLUDED_PREFIXES))
+    if n_top > len(genes):
+        raise ConfigError(f"panel.hmhvg asks for {n_top} genes but only {len(genes)} highly variable, non-MT/RP "
+                          "genes are measured in every training section")
+    total = np.zeros(len(genes))
+    total_sq = np.zeros(len(genes))
+    n = 0
+    for s in sections:
+        index = {g: i for i, g in enumerate(s.genes)}
+        x = sp.csr_matrix(s.counts)[:, [index[g] for g in genes]].astype(np.float64)
+        total += np.asarray(x.sum(axis=0)).ravel()
+        total_sq += np.asarray(x.multiply(x).sum(axis=0)).ravel()
+        n += x.shape[0]
+    mean = total / n
+    std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0) * n / max(n - 1, 1))
+    # 0-based ranks, highest first, ties by name (genes are sorted): stable sorts on -value
+    rank_mean = np.empty(len(genes), dtype=np.int64)
+    rank_mean[np.argsort(-mean, kind="stable")] = np.arange(len(genes))
+    rank_std = np.empty(len(genes), dtype=np.int64)
+    rank_std[np.argsort(-std, kind="stable")] = np.arange(len(genes))
+    # a gene is in both top-n lists once n > max(its ranks); the smallest n giving n_top genes:
+    enters = np.maximum(rank_mean, rank_std)
+    n_needed = int(np.sort(enters)[n_top - 1]) + 1
+    chosen = [i for i in range(len(genes)) if enters[i] < n_needed]
+    chosen.sort(key=lambda i: (rank_mean[i] + rank_std[i], genes[i]))
+    return sorted(genes[i] for i in chosen[:n_top])

@@ -151,6 +151,17 @@ class Slide:
     #: frozen image features prepared for the method's needs: "spot" (N, d), "neighbour" (N, 25, d) with
     #: "neighbour_mask" (N, 25), "niche" (N, d); empty when the method needs no image features
     features: dict = field(default_factory=dict)
+    #: image patches prepared for the method's declared ``MethodSpec.patches``: request name (e.g.
+    #: "spot-112um-224px") -> stbench.images.patches.PatchSet, whose ``patches`` is a read-only
+    #: memory-mapped uint8 array (N, n_sub, px, px, 3) and ``mask`` (N, n_sub). Read batches from it; do
+    #: not keep references in the method (fine-tuning deep-copies methods).
+    patches: dict = field(default_factory=dict)
+    #: with the ``niche_expression`` need, on training and validation slides: each spot's niche
+    #: profile (N, G) (the normalisation of the mean raw counts of the spot and its lattice neighbours);
+    #: None on a test slide (it is truth). ``niche_complete`` (N,) flags spots whose every lattice
+    #: neighbour is present, on every slide.
+    niche_expr: Optional[np.ndarray] = None
+    niche_complete: Optional[np.ndarray] = None
 
     @property
     def n_spots(self) -> int:
@@ -179,7 +190,8 @@ class Slide:
         # the section stays for image access, without its raw counts (they are the truth too)
         section = dataclasses.replace(self.section, counts=None) if self.section is not None else None
         return dataclasses.replace(
-            self, expr=None, prompt_idx=prompt_idx, prompt_expr=self.expr[prompt_idx].copy(), section=section
+            self, expr=None, prompt_idx=prompt_idx, prompt_expr=self.expr[prompt_idx].copy(), section=section,
+            niche_expr=None,
         )
 
     def prompt_mask(self) -> np.ndarray:
