@@ -105,7 +105,7 @@ def test_broken_plugin_warns_and_breaks_only_runs_that_need_it(monkeypatch, tmp_
         assert main(["run", "--methods", "mean", "--out", str(tmp_path / "r"), "--quiet"]) == 0
     # asking for something the broken plugin may provide names it
     with pytest.raises(ConfigError, match="broken.*torch_scatter"):
-        p.methods.get("hyperst")
+        p.methods.get("scatter_method")
     plugin_loader.reset_plugins()
     capsys.readouterr()
     with pytest.warns(UserWarning):

@@ -15,10 +15,10 @@ from torch import nn
 from stbench.errors import ConfigError
 from stbench.method import FitContext, Method
 from stbench.metrics import pcc
+from stbench.nn import CrossEncoder, GlobalEncoder, NeighborEncoder, PromptProjection
+from stbench.nn import init_vit_style as init_like_triplex
 from stbench.prompts import select_prompts
 from stbench_plugins.phg2st.hypergraph import HGConv, neighbour_hypergraphs, spot_hypergraph
-from stbench_plugins.phg2st.modules import (CrossEncoder, GlobalEncoder, NeighborEncoder, PromptProjection,
-                                            init_like_triplex)
 
 #: hidden width of the PH2ST code's two-layer hypergraph block
 CODE_HIDDEN = 512

@@ -1,14 +1,18 @@
-"""Transformer building blocks shared by TRIPLEX-family models (METHODS.md §3).
+"""Transformer building blocks (METHODS.md §3). Used by PHG2ST.
 
+* :class:`FeedForward`: Linear(D→h) – GELU – Dropout – Linear(h→D) – Dropout.
+* :class:`SelfAttention`: multi-head self-attention with an optional per-head logit bias and key mask.
 * :class:`PreNormBlock`: x ← x + MHSA(LN(x)); x ← x + FFN(LN(x)).
 * :class:`PEG`: a depthwise 3×3 convolution on the spots' integer grid, added at occupied cells and read
   back through an explicit index map (so spot order never matters).
 * :class:`GlobalEncoder`: 1 block → PEG → depth−1 blocks → LN, over all spots of a slide.
-* :class:`NeighborEncoder`: blocks over each spot's 5×5 neighbour tokens, with a learnable per-head
-  bias for every distinct (|Δrow|, |Δcol|) offset (LeViT style, initialised to 0) and a key mask for
-  sub-patches outside the image.
-* :class:`CrossEncoder`: q ← q + Attn(LN(q), LN(kv)); q ← q + FFN(LN(q)), one LayerNorm for q and kv.
-* :class:`PromptProjection`: the ST-prompt projection of the masked expression matrix.
+* :func:`relative_offsets` / :class:`NeighborEncoder`: blocks over each spot's 5×5 neighbour tokens, with a
+  learnable per-head bias for every distinct (|Δrow|, |Δcol|) offset (LeViT style, initialised to 0) and a
+  key mask for sub-patches outside the image.
+* :class:`CrossAttention` / :class:`CrossEncoder`: q ← q + Attn(LN(q), LN(kv)); q ← q + FFN(LN(q)), one
+  LayerNorm for q and kv.
+* :class:`PromptProjection`: a projection of a (masked) expression matrix into the model width.
+* :func:`init_vit_style`: truncated-normal(0.02) linear weights, zero biases, unit LayerNorms.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from torch import nn
 
 
 def _masked_softmax_attention(q, k, v, bias=None, key_mask=None, dropout=0.0, training=False):
-    """softmax(q kᵀ / √d + bias) v over the last two dims; masked keys get the most negative logit."""
+    """softmax(q kᵀ / √d + bias) v over the last two dims; masked keys get the most negative logit.
+
+    q: (B, H, Tq, d); k, v: (B, H, Tk, d); bias broadcasts to (B, H, Tq, Tk); key_mask: (B, Tk), True = valid.
+    """
     logits = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
     if bias is not None:
         logits = logits + bias
@@ -32,18 +39,25 @@ def _masked_softmax_attention(q, k, v, bias=None, key_mask=None, dropout=0.0, tr
 
 
 class FeedForward(nn.Sequential):
+    """Linear(dim→hidden) – GELU – Dropout – Linear(hidden→dim) – Dropout (METHODS.md §3)."""
+
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout))
 
 
 class SelfAttention(nn.Module):
+    """qkv = Linear(D→3D, no bias), scale (D/H)^−½, output Linear(D→D) + Dropout (identity if H = 1).
+
+    Without bias and key mask it uses the fused ``scaled_dot_product_attention`` kernel.
+    """
+
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
         self.heads = heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        # TRIPLEX: no output projection when a single head spans the whole width
+        # METHODS.md §3: no output projection when a single head spans the whole width
         self.out = nn.Identity() if heads == 1 else nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
 
     def forward(self, x, bias=None, key_mask=None):
@@ -58,6 +72,8 @@ class SelfAttention(nn.Module):
 
 
 class PreNormBlock(nn.Module):
+    """x ← x + MHSA(LN(x)); x ← x + FFN(LN(x)), FFN hidden width int(dim·mlp_ratio)."""
+
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, heads, dropout)
@@ -69,7 +85,10 @@ class PreNormBlock(nn.Module):
 
 
 class PEG(nn.Module):
-    """Positional encoding generator on the spot grid (TRIPLEX paper-era "PEGH")."""
+    """Positional encoding generator on the spot grid ("PEGH", METHODS.md §3).
+
+    Used by PHG2ST.
+    """
 
     def __init__(self, dim: int, kernel: int = 3):
         super().__init__()
@@ -86,6 +105,8 @@ class PEG(nn.Module):
 
 
 class GlobalEncoder(nn.Module):
+    """Slide transformer: 1 block → PEG → depth−1 blocks → LN over all N spot tokens of one slide."""
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.first = PreNormBlock(dim, heads, mlp_ratio, dropout)
@@ -110,6 +131,12 @@ def relative_offsets(grid: int = 5) -> torch.Tensor:
 
 
 class NeighborEncoder(nn.Module):
+    """PreNorm blocks over a grid×grid token window with a LeViT-style relative-position bias.
+
+    One learnable scalar per head per distinct (|Δrow|, |Δcol|) offset, initialised to 0, one table per
+    block; tokens outside the image are masked as keys.
+    """
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float, grid: int = 5):
         super().__init__()
         self.blocks = nn.ModuleList(PreNormBlock(dim, heads, mlp_ratio, dropout) for _ in range(depth))
@@ -126,6 +153,8 @@ class NeighborEncoder(nn.Module):
 
 
 class CrossAttention(nn.Module):
+    """q-proj Linear(D→D, no bias), kv-proj Linear(D→2D, no bias), out Linear + Dropout; optional key mask."""
+
     def __init__(self, dim: int, heads: int, dropout: float):
         super().__init__()
         self.heads = heads
@@ -143,6 +172,8 @@ class CrossAttention(nn.Module):
 
 
 class CrossEncoder(nn.Module):
+    """depth × [q ← q + Attn(LN(q), LN(kv)); q ← q + FFN(LN(q))], the same LayerNorm for q and kv."""
+
     def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
@@ -158,8 +189,10 @@ class CrossEncoder(nn.Module):
 
 
 class PromptProjection(nn.Module):
-    """Φ_p = LN(Dropout(FC(GELU(Y W)))) (paper); ``residual``: LN(Dropout(FC(GELU(YW + b))) + (YW + b))
-    (the PH2ST code's BLEEP-style projection head)."""
+    """Φ_p = LN(Dropout(FC(GELU(Y W)))); ``residual``: LN(Dropout(FC(GELU(YW + b))) + (YW + b)).
+
+    Used by PHG2ST for its ST prompt (the paper's form; ``residual`` is its reference code's form).
+    """
 
     def __init__(self, n_genes: int, dim: int, dropout: float, residual: bool = False):
         super().__init__()
@@ -175,8 +208,11 @@ class PromptProjection(nn.Module):
         return self.norm(h + z if self.residual else h)
 
 
-def init_like_triplex(module: nn.Module) -> None:
-    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (the ViT/TRIPLEX default)."""
+def init_vit_style(module: nn.Module) -> None:
+    """Truncated-normal(0.02) linear weights, zero biases, unit LayerNorms (the ViT default).
+
+    Used by PHG2ST.
+    """
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -187,5 +223,5 @@ def init_like_triplex(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["PreNormBlock", "PEG", "GlobalEncoder", "NeighborEncoder", "CrossEncoder", "PromptProjection",
-           "relative_offsets", "init_like_triplex"]
+__all__ = ["FeedForward", "SelfAttention", "PreNormBlock", "PEG", "GlobalEncoder", "relative_offsets",
+           "NeighborEncoder", "CrossAttention", "CrossEncoder", "PromptProjection", "init_vit_style"]
