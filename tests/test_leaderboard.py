@@ -71,7 +71,7 @@ def test_list_shows_every_kind_with_provenance(capsys):
 
 def test_data_check_synthetic(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default picture folder is relative: keep it out of the working tree
-    assert main(["data", "check", "synthetic", "--set" if False else "--out", str(tmp_path / "qc")]) == 0
+    assert main(["data", "check", "synthetic", "--out", str(tmp_path / "qc")]) == 0
     captured = capsys.readouterr()
     out = captured.out
     assert "P1S1" in out and "zero-count spots" in out and "constant genes" in out

@@ -216,3 +216,24 @@ def test_a_ratio_that_inflates_small_slides_warns_with_the_numbers():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_prompt_counts({"a": 300, "b": 500}, 0.1)  # every slide gets its share: silent
+
+
+def test_constant_predictor_is_undefined_consistently_and_counted(tmp_path):
+    out = tmp_path / "r"
+    assert _run(out, "mean") == 0
+    folds = pd.read_csv(out / "fold_results.csv")
+    slides = pd.read_csv(out / "results.csv")
+    for frame, cols in ((slides, ["pcc", "pcc_all"]), (folds, ["pcc_pooled", "pcc@10_posthoc", "pcc@50_train"])):
+        for col in cols:
+            assert frame[col].isna().all(), col  # undefined everywhere, never 0.0 in one column and NaN in another
+            assert (frame[f"{col}_pred_constant"] > 0).all(), col
+    assert slides["mae"].notna().all() and (slides["ccc"] == 0).all()  # defined for a constant prediction
+
+
+def test_random_slide_is_called_hyperst_like():
+    from stbench.builtin import split_specs
+    from stbench.splits import random_slide
+
+    spec = next(s for s in split_specs() if s.name == "random_slide")
+    assert "HyperST-like" in spec.description and "not HyperST's own splits" in spec.description
+    assert "cannot reproduce HyperST's own" in random_slide.__doc__
