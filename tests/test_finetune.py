@@ -58,6 +58,9 @@ class CoordMLP(TorchMethod):
 def _plugins():
     p = load_plugins(entry_points=False)
     p.methods.add(MethodSpec("coord_mlp", CoordMLP, MLPConfig, needs=frozenset({"expression", "coords"})), "test", "test")
+    # the same class (it implements finetune), but its spec declares the protocol does not apply
+    p.methods.add(MethodSpec("coord_mlp_frozen", CoordMLP, MLPConfig, needs=frozenset({"expression", "coords"}),
+                             finetune=False), "test", "test")
     return p
 
 
@@ -97,8 +100,13 @@ def test_finetune_learning_rate_and_epochs_are_settings(tmp_path):
 
 
 def test_methods_that_declare_no_finetuning_are_not_finetuned(tmp_path):
-    res = _run(tmp_path, "mixed", True, methods=("coord_mlp", "prompt_knn"))
-    assert res.groupby("method")["finetuned"].all().to_dict() == {"coord_mlp": True, "prompt_knn": False}
+    assert CoordMLP.supports_finetune()
+    res = _run(tmp_path, "mixed", True, methods=("coord_mlp", "coord_mlp_frozen", "prompt_knn"))
+    assert res.groupby("method")["finetuned"].agg(set).to_dict() == {
+        "coord_mlp": {True}, "coord_mlp_frozen": {False}, "prompt_knn": {False}}
+    # the declaration is what stops it: the same class fine-tuned and not gives different predictions
+    scores = res.pivot_table(index="slide", columns="method", values="mse")
+    assert not np.allclose(scores["coord_mlp"], scores["coord_mlp_frozen"])
 
 
 def test_finetune_on_the_method_does_not_touch_the_fold_model():

@@ -1,14 +1,15 @@
 """Split protocols: patient disjointness, inner validation, seeding, refusal of leaking splits."""
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from stbench.cli import main
 from stbench.data.model import SectionInfo
 from stbench.errors import ConfigError
-from stbench.splits import (check_folds, leave_one_patient_out, leave_one_section_out, patient_kfold,
-                            random_slide)
+from stbench.splits import (builtin_split_specs, check_folds, leave_one_patient_out, leave_one_section_out,
+                            patient_kfold, random_slide)
 
 SECTIONS = [SectionInfo(f"{p}{i}", p) for p in "ABCDEFGH" for i in range(1, 4 if p in "EFGH" else 7)]
 PATIENT = {s.name: s.patient for s in SECTIONS}
@@ -34,11 +35,24 @@ def test_inner_validation_can_be_switched_off():
     assert all(not f.val for f in leave_one_patient_out(SECTIONS, seed=0, inner_val=False))
 
 
-def test_splits_are_seeded():
-    assert leave_one_patient_out(SECTIONS, 1) == leave_one_patient_out(SECTIONS, 1)
-    assert patient_kfold(SECTIONS, 3, k=4) == patient_kfold(SECTIONS, 3, k=4)
-    assert patient_kfold(SECTIONS, 3, k=4) != patient_kfold(SECTIONS, 4, k=4)
-    assert random_slide(SECTIONS, 42) == random_slide(SECTIONS, 42)
+#: 8 patients x 3 sections: enough choices that two seeds cannot give the same split by chance
+SEEDED = [SectionInfo(f"{p}{i}", p) for p in "ABCDEFGH" for i in range(1, 4)]
+#: every built-in protocol with its default parameters (inner validation on where it has one)
+SEEDED_SPECS = {spec.name: spec for spec in builtin_split_specs()}
+
+
+@pytest.mark.parametrize("name", sorted(SEEDED_SPECS))
+def test_every_split_protocol_is_seeded(name):
+    spec = SEEDED_SPECS[name]
+    params = vars(spec.params()) if spec.params else {}
+    assert params.get("inner_val", True), "the protocols are compared with inner validation on"
+
+    def folds(seed):
+        return [(f.index, f.train, f.val, f.test) for f in spec.func(SEEDED, seed, **params)]
+
+    assert folds(0) == folds(0) and folds(1) == folds(1), f"{name}: the same seed must give the same folds"
+    assert folds(0) != folds(1), f"{name}: seeds 0 and 1 gave identical folds"
+    assert len(folds(0)) == len(folds(1))
 
 
 def test_patient_kfold_groups_patients():
@@ -71,11 +85,20 @@ def test_random_slide_follows_hyperst():
 
 def test_check_folds_refuses_a_section_in_two_roles():
     bad = leave_one_patient_out(SECTIONS, 0)[0]
-    from dataclasses import replace
-
     leaked = replace(bad, train=bad.train + bad.test[:1])
     with pytest.raises(ConfigError, match="both training and testing"):
         check_folds([leaked], SECTIONS, "section", "x")
+
+
+def test_check_folds_refuses_a_section_in_train_and_val():
+    fold = leave_one_patient_out(SECTIONS, 0)[0]
+    assert fold.val and not set(fold.val) & set(fold.train)
+    check_folds([fold], SECTIONS, "section", "x")  # the fold itself is fine
+    leaked = replace(fold, train=fold.train + fold.val[:1])
+    with pytest.raises(ConfigError, match=fold.val[0]):
+        check_folds([leaked], SECTIONS, "section", "x")
+    with pytest.raises(ConfigError):  # at patient level too
+        check_folds([leaked], SECTIONS, "patient", "x")
 
 
 def test_run_writes_split_file_and_refuses_leaking_split(tmp_path, capsys):

@@ -50,6 +50,36 @@ def image_error(section: Section, exc: BaseException) -> DataError:
                      "truncated or corrupt; download it again, or move it away to run the section without its image")
 
 
+def _reduction(im, mpp: Optional[float], target_mpp: float) -> int:
+    """The JPEG DCT reduction (1, 2, 4 or 8) for an opened, not yet decoded PIL image: the largest one
+    that keeps the decoded pixel at least as fine as ``target_mpp``; 1 for other formats."""
+    if im.format != "JPEG" or not mpp:
+        return 1
+    # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
+    # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
+    factor = 1
+    while factor < 8 and mpp * factor * 2 <= target_mpp:
+        factor *= 2
+    return factor
+
+
+def decode_factor(section: Section, target_mpp: float) -> int:
+    """How much :func:`_open_image` reduces the section's image for ``target_mpp`` (1: full resolution).
+
+    Reads only the file's header, so a caller can group the patch sizes that share one decode.
+    """
+    if section.image_path is None:
+        return 1
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None  # whole-slide scans exceed PIL's decompression-bomb guard
+    try:
+        with Image.open(section.image_path) as im:
+            return _reduction(im, section.mpp, target_mpp)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
+        raise image_error(section, exc) from None
+
+
 def _open_image(section: Section, target_mpp: float):
     """The section's image as PIL, decoded at the coarsest JPEG scale that still resolves ``target_mpp``,
     and the factor from full-resolution pixels to the decoded image's pixels."""
@@ -60,17 +90,12 @@ def _open_image(section: Section, target_mpp: float):
         array = section.read_image()
         return Image.fromarray(np.ascontiguousarray(array)), 1.0
     try:
-        im = Image.open(section.image_path)
-        width = im.size[0]
-        if im.format == "JPEG" and section.mpp:
-            # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
-            # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
-            factor = 1
-            while factor < 8 and section.mpp * factor * 2 <= target_mpp:
-                factor *= 2
+        with Image.open(section.image_path) as source:  # closed on every path, errors included
+            width = source.size[0]
+            factor = _reduction(source, section.mpp, target_mpp)
             if factor > 1:
-                im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
-        im = im.convert("RGB")
+                source.draft("RGB", (source.size[0] // factor, source.size[1] // factor))
+            im = source.convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
         raise image_error(section, exc) from None
     return im, im.size[0] / width
@@ -91,6 +116,22 @@ def _cut(image, box: np.ndarray, scale: float, out: int) -> np.ndarray:
     if cx1 > cx0 and cy1 > cy0:
         canvas.paste(image.crop((cx0, cy0, cx1, cy1)), (cx0 - ix0, cy0 - iy0))
     return np.asarray(canvas.resize((out, out), Image.BILINEAR))
+
+
+def cut_patches(image, boxes: np.ndarray, scale: float, out: int) -> np.ndarray:
+    """Patches for (M, 4) boxes in full-resolution px: (M, out, out, 3) uint8, each cut by :func:`_cut`."""
+    patches = np.empty((len(boxes), out, out, 3), dtype=np.uint8)
+    for i, box in enumerate(boxes):
+        patches[i] = _cut(image, box, scale, out)
+    return patches
+
+
+def layout(section: Section, spec: PatchSpec, image, scale: float, min_inside: float):
+    """Where the patches of ``spec`` lie on a decoded image: boxes (N, n_sub, 4) in full-resolution px
+    and the mask (N, n_sub), True where at least ``min_inside`` of the box lies inside the image."""
+    boxes = patch_boxes(section.pixel, spec, section.mpp, section.spot_pitch_um)  # (N, n_sub, 4)
+    full_w, full_h = image.size[0] / scale, image.size[1] / scale
+    return boxes, inside_fraction(boxes, full_w, full_h) >= min_inside
 
 
 class FeatureStore:
@@ -176,16 +217,14 @@ class FeatureStore:
         return out
 
     def _compute(self, section: Section, spec: PatchSpec, image, scale: float) -> FeatureSet:
-        boxes = patch_boxes(section.pixel, spec, section.mpp, section.spot_pitch_um)  # (N, n_sub, 4)
-        full_w, full_h = image.size[0] / scale, image.size[1] / scale
-        mask = inside_fraction(boxes, full_w, full_h) >= self.min_inside
+        boxes, mask = layout(section, spec, image, scale, self.min_inside)
         flat_boxes = boxes.reshape(-1, 4)
         valid = np.flatnonzero(mask.ravel())
         feats = np.zeros((len(flat_boxes), self.encoder.dim), dtype=np.float32)
         size = self.encoder.input_size
         for start in range(0, len(valid), CHUNK):
             idx = valid[start : start + CHUNK]
-            patches = np.stack([_cut(image, flat_boxes[i], scale, size) for i in idx])
+            patches = cut_patches(image, flat_boxes[idx], scale, size)
             feats[idx] = self.encoder.encode(patches)
         n, n_sub = mask.shape
         return FeatureSet(feats.reshape(n, n_sub, -1), mask)

@@ -113,7 +113,8 @@ def stbench_register_methods(register):
             config=HyperSTConfig,
             needs=hyperst_needs,
             patches=hyperst_patches,
-            test_settings=dict(backbone="vit_tiny_patch16_224", backbone_weights="random", input_px=32, lora_rank=2,
+            # timm's test_vit: 6 blocks of width 64 (0.3 M parameters), the smallest ViT timm builds
+            test_settings=dict(backbone="test_vit", backbone_weights="random", input_px=32, lora_rank=2,
                                lora_blocks=1, dim=16, epochs=2, batch_size=16),
             description="hyperbolic spot/niche image-gene alignment with a LoRA-tuned ViT (HyperST)",
             reference="HyperST, CVPR 2026; code github.com/liesgame/HyperST (93ce2379)",
