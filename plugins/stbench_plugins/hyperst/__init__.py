@@ -86,6 +86,9 @@ class HyperSTConfig:
     #: "last" (the code evaluates the early-stopped final model, AMB-19) or "best" (lowest validation loss)
     checkpoint: str = "last"
     complete_niches_only: bool = True
+    #: start the decoder's output bias at the training mean expression. Not in the sources (False is
+    #: HyperST); the CPU preset turns it on, since a few epochs cannot learn the mean of log expression
+    init_bias_to_mean: bool = False
     #: fp16 autocast with a gradient scaler, on CUDA only (hyperbolic operations stay in float32)
     amp: bool = True
 

@@ -279,7 +279,11 @@ class HyperST(TorchMethod):
         else:
             backbone, self.weights_id = build_backbone(cfg)
             in_dim = backbone.num_features
-        self.model = HyperSTNet(cfg, in_dim, len(context.genes), backbone).to(self.device)
+        self.model = HyperSTNet(cfg, in_dim, len(context.genes), backbone)
+        if cfg.init_bias_to_mean:
+            mean = np.concatenate([s.expr for s in train]).mean(0)
+            self.model.decoder[-1].bias.data.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.model.to(self.device)
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.lr)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.device.type == "cuda")
 
