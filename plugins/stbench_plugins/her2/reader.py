@@ -58,7 +58,7 @@ SPOT_COLUMNS = ("x", "y", "new_x", "new_y", "pixel_x", "pixel_y")
 SPOT_PITCH_UM = 200.0
 SPOT_DIAMETER_UM = 100.0
 #: bump when the cached arrays change meaning, so old cache files are ignored
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: stored uncompressed (decompressing cost more than reading)
 
 _SPOT_ID = re.compile(r"^(\d+)x(\d+)$")
 # What a truncated, corrupt or mis-encoded file raises while it is read (BadGzipFile is an OSError).
@@ -349,7 +349,7 @@ def _write_cache(path: Path, arrays: dict) -> None:
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:  # a file object, because np.savez appends ".npz" to a bare name
-                np.savez_compressed(fh, **arrays)
+                np.savez(fh, **arrays)
         # Drop this section's entries for older versions of the same files.
         stem = path.name.rsplit("-", 1)[0]
         for old in path.parent.glob(f"{stem}-*.npz"):

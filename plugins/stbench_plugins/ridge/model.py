@@ -45,7 +45,8 @@ class Ridge(Method):
             vtxy = v.T @ (xs.T @ yc)
             # a zero eigenvalue with α = 0 (a constant feature) gets weight 0, as a pseudo-inverse would
             inverse = [np.divide(1.0, lam + a, out=np.zeros_like(lam), where=lam + a > 1e-12) for a in alphas]
-            return [v @ (vtxy * inv[:, None]) for inv in inverse]
+            stacked = v @ np.concatenate([vtxy * inv[:, None] for inv in inverse], axis=1)  # one product
+            return np.split(stacked, len(alphas), axis=1)
         u, sv, vt = np.linalg.svd(xs, full_matrices=False)
         uty = u.T @ yc
         return [vt.T @ ((sv / (sv**2 + a))[:, None] * uty) for a in alphas]
@@ -64,17 +65,18 @@ class Ridge(Method):
         alphas = [float(a) for a in self.config.alphas]
         weights = self._solve(x, y, alphas)
         if val and len(alphas) > 1:
-            scores = []
-            for w in weights:
-                per_slide = []
-                for s in val:
-                    # score only spots whose patch lies in the image, as in training (_design)
-                    keep = s.features["spot_mask"]
-                    pred = self._predict_x(s.features["spot"][keep].astype(np.float64), w)
-                    truth = s.expr[keep]
+            per_slide = [[] for _ in alphas]
+            stacked = np.concatenate(weights, axis=1)  # every penalty in one product (few large BLAS calls)
+            for s in val:
+                # score only spots whose patch lies in the image, as in training (_design)
+                keep = s.features["spot_mask"]
+                xs = (s.features["spot"][keep].astype(np.float64) - self.x_mean_) / self.x_std_
+                truth = s.expr[keep]
+                for a, pred in enumerate(np.split(xs @ stacked, len(alphas), axis=1)):
+                    pred = pred + self.y_mean_
                     m = pcc(pred, truth) if self.config.select_by == "pcc" else mse(pred, truth)
-                    per_slide.append(m.value if self.config.select_by == "pcc" else -m.value)
-                scores.append(np.nanmean(per_slide) if np.isfinite(per_slide).any() else -np.inf)
+                    per_slide[a].append(m.value if self.config.select_by == "pcc" else -m.value)
+            scores = [np.nanmean(v) if np.isfinite(v).any() else -np.inf for v in per_slide]
             best = int(np.argmax(scores))
         else:
             best = len(alphas) // 2
