@@ -13,7 +13,6 @@ Targets (issue 7), measured in one run on whatever machine runs this (compare ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -23,6 +22,8 @@ import time
 from pathlib import Path
 
 STBENCH = [sys.executable, "-m", "stbench.cli"]
+
+from report import emit, machine  # benchmarks/perf/report.py, beside this script
 
 
 def timed(args, env, repeat=1) -> float:
@@ -48,7 +49,7 @@ def main():
     parser.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[3] / "shared" / "data" / "her2st"))
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    figures = {"machine": machine()}
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "STBENCH_CACHE": str(Path(tmp) / "cache"), "PYTHONWARNINGS": "ignore"}
         run = ["run", "--methods", "ridge", "--dataset", "her2", "--data-dir", args.data_dir, "--quiet"]
@@ -62,10 +63,7 @@ def main():
         figures["done_run_imports"] = heavy_imports([*run, "--out", str(Path(tmp) / "warm")], env)
     figures["empty_over_warm"] = figures["run_empty_cache_s"] / figures["run_warm_cache_s"]
     figures["targets_met"] = {"warm_at_least_10x": figures["empty_over_warm"] >= 10, "list_under_0.3s": figures["list_s"] < 0.3}
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

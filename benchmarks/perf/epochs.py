@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
 import resource
 import sys
 import time
@@ -29,6 +27,8 @@ PRESETS = {
     "hyperst (cpu, backbone=frozen)": ("hyperst", {"backbone": "frozen"}),
     "phg2st (cpu)": ("phg2st", {}),
 }
+
+from report import emit, machine  # benchmarks/perf/report.py, beside this script
 
 
 def _fit_seconds(method_name, plan, store, fold, epochs, overrides):
@@ -53,7 +53,7 @@ def main():
     from stbench.plugins import get_plugins
     from stbench.run import SlideStore, resolve_plan
 
-    figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}, "presets": {}}
+    figures = {"machine": machine(), "presets": {}}
     for label, (method, overrides) in PRESETS.items():
         conf, base = resolve_config("her2_images", str(REPO / "benchmarks/stbench_benchmarks/her2/cpu.yaml"),
                                     [f"methods.{method}.{k}={v}" for k, v in overrides.items()],
@@ -73,10 +73,7 @@ def main():
             "peak_rss_mib_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         }
         print(label, figures["presets"][label], file=sys.stderr, flush=True)
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ Measures, in one process on whatever machine runs it (ratios are what to compare
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from report import emit, machine  # benchmarks/perf/report.py, beside this script
 
 
 def best_of(fn, repeat=3):
@@ -139,15 +140,12 @@ def main():
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     data_dir = Path(args.data_dir)
-    figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    figures = {"machine": machine()}
     figures["hefeat_patches_per_s"] = encoder_rate()
     figures["extraction"] = extraction(data_dir, args.section)
     figures["run_subprocess"] = cold_vs_warm(data_dir)
     figures["run_in_process"] = cold_vs_warm_in_process(data_dir)
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

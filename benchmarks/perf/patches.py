@@ -16,14 +16,14 @@ Measures, in one process (ratios are what to compare, not seconds), for one sect
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from report import emit, machine  # benchmarks/perf/report.py, beside this script
 
 BATCH = 128
 
@@ -113,12 +113,9 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
-    figures = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]}}
+    figures = {"machine": machine()}
     figures["patches"] = measure(Path(args.data_dir), args.section, args.size_um, args.out_px, args.repeat)
-    text = json.dumps(figures, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    emit(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,20 @@
+"""What every performance script prints: the machine, then its figures as JSON (and optionally a file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+def machine() -> dict:
+    return {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+
+
+def emit(figures: dict, json_path: Optional[str] = None) -> None:
+    text = json.dumps(figures, indent=2)
+    print(text)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
