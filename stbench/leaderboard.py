@@ -170,7 +170,8 @@ def summarise(run_dirs: list[Path], columns=None):
 
 
 def settings_lines(meta: dict, plugins) -> list[str]:
-    """One line per method whose settings differ from its config dataclass defaults (shared by all its rows)."""
+    """One line per method whose settings differ from its config dataclass defaults: those of its first
+    row, the reference that its other rows are labelled against (so every row's settings are known)."""
     import dataclasses
 
     lines = []
@@ -178,10 +179,11 @@ def settings_lines(meta: dict, plugins) -> list[str]:
         if method not in plugins.methods:
             continue
         defaults = dataclasses.asdict(plugins.methods.get(method).config())
-        shared = {k: v for k, v in variants[0].items() if all(x.get(k) == v for x in variants) and defaults.get(k) != v}
-        if shared:
-            diffs = ", ".join(f"{k}={v} (default {defaults.get(k)})" for k, v in sorted(shared.items()))
-            lines.append(f"{method} settings: {diffs}")
+        changed = {k: v for k, v in variants[0].items() if defaults.get(k) != v}
+        if changed:
+            diffs = ", ".join(f"{k}={v} (default {defaults.get(k)})" for k, v in sorted(changed.items()))
+            more = " (other rows: as labelled)" if len(variants) > 1 else ""
+            lines.append(f"{method} settings{more}: {diffs}")
     return lines
 
 

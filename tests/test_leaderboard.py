@@ -89,7 +89,7 @@ def test_ablation_runs_are_labelled_by_their_differing_settings(tmp_path, capsys
     assert main(["leaderboard", str(a), str(b)]) == 0
     out = capsys.readouterr().out
     assert "| prompt_knn " in out and "| prompt_knn (k=3)" in out and "| mean " in out
-    assert "prompt_knn settings: power=2.0 (default 1.0)" in out
+    assert "prompt_knn settings (other rows: as labelled): power=2.0 (default 1.0)" in out
     assert main(["leaderboard", str(a), str(a)]) == 2  # the same settings twice is a mistake
 
 
@@ -202,3 +202,14 @@ def test_benchmark_caveats_are_printed_in_the_header(tmp_path, capsys):
     capsys.readouterr()
     assert main(["leaderboard", str(out), "--format", "csv"]) == 0
     assert "Caveat: panel chosen on test data." in capsys.readouterr().out.splitlines()[0]
+
+
+def test_the_footer_gives_the_reference_rows_settings_even_where_other_rows_differ(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["run", "--methods", "prompt_knn", "--out", str(a), "--quiet", "--set", "methods.prompt_knn.k=4"]) == 0
+    assert main(["run", "--methods", "prompt_knn", "--out", str(b), "--quiet", "--set", "methods.prompt_knn.k=3"]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    # the first row's k=4 is not shared by the second row, yet the reader must learn it
+    assert "prompt_knn settings (other rows: as labelled): k=4 (default 8)" in out and "| prompt_knn (k=3)" in out
