@@ -16,6 +16,8 @@ This module imports torch; only methods that use it import it.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import numpy as np
 import torch
 
@@ -58,3 +60,33 @@ class TorchMethod(Method):
                 loss.backward()
                 optimizer.step()
         self.model.eval()
+
+
+# -- helpers shared by spot-level torch methods (batches pooled across slides, standardised features) ----
+
+
+def group_by_slide(pick: list[tuple[int, int]], slides) -> list[tuple[object, np.ndarray]]:
+    """``[(slide index, spot index), ...]`` → ``[(slide, spot indices), ...]``, one entry per slide, in
+    first-seen order (a batch pooled across slides is read slide by slide)."""
+    by_slide: dict[int, list[int]] = {}
+    for s, i in pick:
+        by_slide.setdefault(s, []).append(i)
+    return [(slides[s], np.asarray(ix)) for s, ix in by_slide.items()]
+
+
+def spot_batches(pool: list[tuple[int, int]], slides, order: np.ndarray, size: int, drop_last: bool = False,
+                 min_size: int = 1) -> Iterator[list[tuple[object, np.ndarray]]]:
+    """Batches of ``size`` spots of ``pool`` taken in ``order``, each grouped by slide; the last partial
+    batch is dropped with ``drop_last``, and batches smaller than ``min_size`` are skipped (contrastive
+    losses need at least 2 spots)."""
+    stop = len(order) - (len(order) % size if drop_last else 0)
+    for start in range(0, stop, size):
+        pick = [pool[i] for i in order[start:start + size]]
+        if len(pick) >= min_size:
+            yield group_by_slide(pick, slides)
+
+
+def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation of training features; a constant column divides by 1."""
+    sd = x.std(0)
+    return x.mean(0), np.where(sd > 0, sd, 1.0)

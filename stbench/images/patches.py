@@ -123,8 +123,14 @@ class PatchSet:
         return self.patches.shape[1]
 
     def read(self, index) -> np.ndarray:
-        """The patches of ``index`` (int, slice or index array of spots) as an in-memory array."""
-        return np.array(self.patches[index])
+        """The patches of ``index`` (int, slice or index array of spots, in any order) as an in-memory
+        array in that order. An index array is read in file order (sequential reads of the memory map)
+        and put back in the order asked for."""
+        if isinstance(index, (int, np.integer, slice)):
+            return np.array(self.patches[index])
+        index = np.asarray(index)
+        order = np.argsort(index, kind="stable")
+        return np.array(self.patches[index[order]])[np.argsort(order)]
 
     def __deepcopy__(self, memo) -> "PatchSet":
         return self  # read-only and file-backed: sharing is safe, copying would cost gigabytes

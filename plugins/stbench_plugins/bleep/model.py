@@ -15,7 +15,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import random_flips_rot90, to_float
 from stbench.method import FitContext, FinetuneSettings
 from stbench.nn import PromptProjection
-from stbench.torch_method import TorchMethod
+from stbench.torch_method import TorchMethod, spot_batches, standardiser
 from stbench.weights import create_timm_model, resolve_weights
 from stbench_plugins.bleep import AGGREGATES, MATCH_ON, bleep_patches
 from stbench_plugins.bleep.retrieval import ReferenceSet
@@ -136,8 +136,7 @@ class BLEEP(TorchMethod):
         if self.frozen:
             x = (slide.features["spot"][idx] - self.mu_) / self.sd_
             return torch.tensor(x, dtype=torch.float32, device=self.device)
-        order = np.argsort(idx)  # memory-mapped reads in file order, then back to the batch's order
-        patches = slide.patches[self._patch_name()].read(idx[order])[:, 0][np.argsort(order)]
+        patches = slide.patches[self._patch_name()].read(idx)[:, 0]
         x = torch.from_numpy(patches).to(self.device)
         if augment:
             x = random_flips_rot90(x, self._rng, channels_last=True)
@@ -161,15 +160,7 @@ class BLEEP(TorchMethod):
 
     @staticmethod
     def _batches(pool: list, slides, order: np.ndarray, size: int, drop_last: bool):
-        stop = len(order) - (len(order) % size if drop_last else 0)
-        for start in range(0, stop, size):
-            pick = [pool[i] for i in order[start:start + size]]
-            if len(pick) < 2:
-                continue  # a contrastive batch needs a negative
-            by_slide: dict[int, list[int]] = {}
-            for s, i in pick:
-                by_slide.setdefault(s, []).append(i)
-            yield [(slides[s], np.asarray(ix)) for s, ix in by_slide.items()]
+        return spot_batches(pool, slides, order, size, drop_last, min_size=2)  # a contrastive batch needs a negative
 
     # -- Method API ---------------------------------------------------------------------------------------
     def fit(self, train, val, context: FitContext):
@@ -179,8 +170,7 @@ class BLEEP(TorchMethod):
         self._rng = np.random.default_rng(context.seed)
         if self.frozen:
             stack = np.concatenate([s.features["spot"][s.features["spot_mask"]] for s in train])
-            sd = stack.std(0)
-            self.mu_, self.sd_ = stack.mean(0), np.where(sd > 0, sd, 1.0)
+            self.mu_, self.sd_ = standardiser(stack)
             backbone, in_dim = None, stack.shape[1]
         else:
             backbone, self.weights_id = build_backbone(cfg)

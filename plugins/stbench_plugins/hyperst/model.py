@@ -15,7 +15,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import random_dihedral, to_float
 from stbench.method import FitContext
 from stbench.nn import ResMLP
-from stbench.torch_method import TorchMethod
+from stbench.torch_method import TorchMethod, spot_batches, standardiser
 from stbench.weights import UNI_ARCH, UNI_HELP, UNI_TIMM_KWARGS, create_timm_model, resolve_weights, uni_weights
 from stbench_plugins.hyperst import lorentz as L
 from stbench_plugins.hyperst.losses import hca_loss, hea_loss
@@ -220,11 +220,8 @@ class HyperST(TorchMethod):
             niche = (slide.features["niche"][idx] - self.mu_n_) / self.sd_n_
             return (torch.tensor(spot, dtype=torch.float32, device=self.device),
                     torch.tensor(niche, dtype=torch.float32, device=self.device))
-        order = np.argsort(idx)  # memory-mapped reads in file order, then back to the batch's order
-        back = np.argsort(order)
         spot_set, niche_set = (slide.patches[n] for n in self._requests())
-        spot = spot_set.read(idx[order])[:, 0][back]
-        niche = niche_set.read(idx[order])[:, 0][back]
+        spot, niche = spot_set.read(idx)[:, 0], niche_set.read(idx)[:, 0]
         spot_t = torch.from_numpy(spot).to(self.device)
         niche_t = torch.from_numpy(niche).to(self.device)
         if augment:  # one of the 8 dihedral transforms per spot, the same for its niche (§7.1)
@@ -254,15 +251,7 @@ class HyperST(TorchMethod):
 
     def _batches(self, pool: list[tuple[int, int]], slides, size: int, shuffle: bool, drop_last: bool):
         order = self._rng.permutation(len(pool)) if shuffle else np.arange(len(pool))
-        stop = len(order) - (len(order) % size if drop_last else 0)
-        for start in range(0, stop, size):
-            pick = [pool[i] for i in order[start:start + size]]
-            if len(pick) < 2:
-                continue  # contrastive terms need a negative
-            by_slide: dict[int, list[int]] = {}
-            for s, i in pick:
-                by_slide.setdefault(s, []).append(i)
-            yield [(slides[s], np.asarray(ix)) for s, ix in by_slide.items()]
+        return spot_batches(pool, slides, order, size, drop_last, min_size=2)  # contrastive terms need a negative
 
     # -- Method API ---------------------------------------------------------------------------------------
     def fit(self, train, val, context: FitContext):
@@ -273,8 +262,7 @@ class HyperST(TorchMethod):
         if self.frozen:
             stack = np.concatenate([s.features["spot"][s.features["spot_mask"]] for s in train])
             niche = np.concatenate([s.features["niche"][s.features["niche_mask"]] for s in train])
-            self.mu_, self.sd_ = stack.mean(0), np.where(stack.std(0) > 0, stack.std(0), 1.0)
-            self.mu_n_, self.sd_n_ = niche.mean(0), np.where(niche.std(0) > 0, niche.std(0), 1.0)
+            (self.mu_, self.sd_), (self.mu_n_, self.sd_n_) = standardiser(stack), standardiser(niche)
             backbone, in_dim = None, stack.shape[1]
         else:
             backbone, self.weights_id = build_backbone(cfg)

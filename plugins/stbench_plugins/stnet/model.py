@@ -17,7 +17,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import N_DIHEDRAL, dihedral, random_flips_rot90, to_float
 from stbench.method import FitContext
 from stbench.metrics import pcc
-from stbench.torch_method import TorchMethod
+from stbench.torch_method import TorchMethod, group_by_slide, standardiser
 from stbench.weights import create_timm_model, resolve_weights
 
 #: spots per forward pass at prediction and validation time (times 8 with TTA)
@@ -150,9 +150,7 @@ class STNet(TorchMethod):
 
     def _read_patches(self, slide, idx: np.ndarray) -> torch.Tensor:
         """uint8 (B, px, px, 3) patches of spots ``idx`` on the device, in ``idx``'s order."""
-        idx = np.asarray(idx)
-        order = np.argsort(idx, kind="stable")  # memory-mapped reads in file order, then back
-        patches = slide.patches[self._request()].read(idx[order])[:, 0][np.argsort(order)]
+        patches = slide.patches[self._request()].read(np.asarray(idx))[:, 0]
         return torch.from_numpy(np.ascontiguousarray(patches)).to(self.device)
 
     def _normalise(self, uint8: torch.Tensor) -> torch.Tensor:
@@ -204,12 +202,7 @@ class STNet(TorchMethod):
         self.input_mean_ = mean.astype(np.float32)
         self.input_std_ = np.where(std > 1e-6, std, 1.0).astype(np.float32)
 
-    @staticmethod
-    def _group(pick: list[tuple[int, int]], slides) -> list[tuple[object, np.ndarray]]:
-        by_slide: dict[int, list[int]] = {}
-        for s, i in pick:
-            by_slide.setdefault(s, []).append(i)
-        return [(slides[s], np.asarray(ix)) for s, ix in by_slide.items()]
+    _group = staticmethod(group_by_slide)
 
     # -- Method API ---------------------------------------------------------------------------------------
     def fit(self, train, val, context: FitContext):
@@ -223,8 +216,8 @@ class STNet(TorchMethod):
                               "images.min_inside")
         if self.frozen:
             stack = np.concatenate([np.asarray(s.features["spot"])[self._in_image(s)] for s in train]).astype(np.float64)
-            sd = stack.std(0)
-            self.mu_, self.sd_ = stack.mean(0).astype(np.float32), np.where(sd > 0, sd, 1.0).astype(np.float32)
+            mean, sd = standardiser(stack)
+            self.mu_, self.sd_ = mean.astype(np.float32), sd.astype(np.float32)
             backbone, in_dim = None, stack.shape[1]
         else:
             backbone, self.weights_id = build_backbone(cfg)
