@@ -39,6 +39,7 @@ BUILTIN_PLUGINS = (
     "stbench_plugins.ridge",
     "stbench_plugins.phg2st",
     "stbench_plugins.hyperst",
+    "stbench_plugins.triplex",
     "stbench_plugins.stnet",
     "stbench_plugins.bleep",
     "stbench_plugins.hefeat",
