@@ -215,9 +215,26 @@ def create_timm_model(arch: str, weights, *, label: str, option: str, weights_he
     return model, file_digest(path), source
 
 
+#: name prefixes of checkpoints saved around the model (PyTorch Lightning modules, e.g. the Ciga et al.
+#: self-supervised ResNet-18 "tenpercent_resnet18.ckpt"), removed in this order
+WRAPPER_PREFIXES = ("model.", "resnet.")
+
+
+def strip_prefixes(state_dict: dict, prefixes=WRAPPER_PREFIXES) -> dict:
+    """Remove each of ``prefixes`` (in order) from the names that carry it; other names stay as they are."""
+    out = dict(state_dict)
+    for prefix in prefixes:
+        if any(k.startswith(prefix) for k in out):
+            out = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in out.items()}
+    return out
+
+
 def load_into(model: torch.nn.Module, sd: dict, path: Path, what: str) -> None:
-    """Load strictly, after dropping a classifier head the model does not have."""
+    """Load strictly, after dropping a classifier head the model does not have. A checkpoint whose names
+    all sit behind a wrapper's prefix (``model.``, ``resnet.``: Lightning) is unwrapped first."""
     expected = model.state_dict()
+    if not any(k in expected for k in sd):
+        sd = strip_prefixes(sd)
     sd = {k: v for k, v in sd.items() if k in expected or not k.startswith(HEAD_PREFIXES)}
     pos = sd.get("pos_embed")
     if pos is not None and "pos_embed" in expected and pos.shape != expected["pos_embed"].shape:

@@ -18,20 +18,7 @@ from pathlib import Path
 from torch import nn
 
 from stbench.images.encoder import file_digest
-from stbench.weights import load_into, load_state_dict_safely
-
-#: prefixes of the Lightning checkpoint's parameter names, removed in this order
-CIGA_PREFIXES = ("model.", "resnet.")
-
-
-def strip_prefixes(state_dict: dict, prefixes=CIGA_PREFIXES) -> dict:
-    """Remove each of ``prefixes`` (in order) from the names that carry it; other names stay as they are."""
-    out = dict(state_dict)
-    for prefix in prefixes:
-        if any(k.startswith(prefix) for k in out):
-            out = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in out.items()}
-    return out
-
+from stbench.weights import load_into, load_state_dict_safely, strip_prefixes  # noqa: F401 (strip_prefixes re-exported)
 
 def load_backbone_file(model: nn.Module, path, *, arch: str, option: str) -> str:
     """Load ``path`` (a Ciga-style Lightning checkpoint or a plain state dict) into ``model``; returns
