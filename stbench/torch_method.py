@@ -16,7 +16,8 @@ This module imports torch; only methods that use it import it.
 
 from __future__ import annotations
 
-from typing import Iterator
+import warnings
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -90,3 +91,22 @@ def standardiser(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-column mean and standard deviation of training features; a constant column divides by 1."""
     sd = x.std(0)
     return x.mean(0), np.where(sd > 0, sd, 1.0)
+
+
+def spot_pool(slides, usable: Callable) -> list[tuple[int, int]]:
+    """``(slide index, spot index)`` of every spot for which ``usable(slide)`` (an (N,) bool array or an
+    index array) holds: the training set of a spot-level method, pooled across slides."""
+    out = []
+    for k, slide in enumerate(slides):
+        keep = np.asarray(usable(slide))
+        out += [(k, int(i)) for i in (np.flatnonzero(keep) if keep.dtype == bool else keep)]
+    return out
+
+
+def pool_batch_size(n_spots: int, batch_size: int, method: str) -> int:
+    """The training batch size: ``batch_size``, capped (with a warning) at a pool smaller than a batch."""
+    if n_spots < batch_size:
+        warnings.warn(f"{method}: {n_spots} training spots, fewer than a batch of {batch_size}: using batches of "
+                      f"{n_spots}", stacklevel=3)
+        return n_spots
+    return batch_size

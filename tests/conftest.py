@@ -63,3 +63,14 @@ def write_her2_layout(root: Path, sections=("A1", "A2", "B1", "C1"), n_spots=30,
             rows.append(f"{x}\t{y}\t{x:.3f}\t{y:.3f}\t{290 * (x - 1):.2f}\t{290 * (y - 1):.2f}\t1")
         (root / "ST-spotfiles" / f"{name}_selection.tsv").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks run fastest on one thread, and several threads crawl on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

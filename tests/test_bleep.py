@@ -14,7 +14,7 @@ import torch
 from stbench.benchmark import resolve_config
 from stbench.errors import ConfigError
 from stbench.method import FitContext
-from stbench.plugins import BUILTIN_PLUGINS, load_plugins
+from stbench.plugins import load_plugins
 from stbench.run import SlideStore, execute, resolve_plan
 from stbench_plugins.bleep import RECIPES, BLEEPConfig, bleep_needs, bleep_patches
 from stbench_plugins.bleep.model import BLEEP, bleep_loss
@@ -26,18 +26,11 @@ DATA = ["dataset_options.spots_per_section=60", "dataset_options.n_patients=3"]
 VARIANTS = {"triplex": {}, "original": {"recipe": "original"}, "frozen": {"backbone": "frozen"}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and do not slow down other jobs on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plugins():
-    builtins = BUILTIN_PLUGINS if "stbench_plugins.bleep" in BUILTIN_PLUGINS else (*BUILTIN_PLUGINS, "stbench_plugins.bleep")
-    return load_plugins(builtins=builtins, entry_points=False)
+    return load_plugins(entry_points=False)
 
 
 def _plan(tmp_path, finetune=False, **settings):

@@ -21,27 +21,20 @@ from stbench.errors import ConfigError
 from stbench.images.augment import dihedral, to_float
 from stbench.images.patches import PatchRequest, PatchSet
 from stbench.method import FitContext
-from stbench.plugins import BUILTIN_PLUGINS, load_plugins
+from stbench.plugins import load_plugins
 from stbench.run import SlideStore, execute, resolve_plan
 from stbench_plugins.stnet import RECIPE_FIELDS, STNetConfig, stnet_needs, stnet_patches
 from stbench_plugins.stnet.model import STNet, STNetNet, sse_loss
 
 TINY = dict(backbone="test_efficientnet", backbone_weights="random", input_px=32, epochs=2, batch_size=16)
 DATA = ["dataset_options.spots_per_section=60", "dataset_options.n_patients=3"]
-BUILTINS = BUILTIN_PLUGINS if "stbench_plugins.stnet" in BUILTIN_PLUGINS else (*BUILTIN_PLUGINS, "stbench_plugins.stnet")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and several threads crawl on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plugins():
-    return load_plugins(builtins=BUILTINS, entry_points=False)
+    return load_plugins(entry_points=False)
 
 
 def _plan(out: Path, finetune: bool = False, **stnet):

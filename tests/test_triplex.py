@@ -14,7 +14,7 @@ import torch
 from stbench.benchmark import resolve_config
 from stbench.errors import ConfigError
 from stbench.method import FitContext
-from stbench.plugins import BUILTIN_PLUGINS, load_plugins
+from stbench.plugins import load_plugins
 from stbench.run import SlideStore, execute, resolve_plan
 from stbench_plugins.triplex import SETTINGS, TRIPLEXConfig, triplex_needs, triplex_patches
 from stbench_plugins.triplex.model import TRIPLEX, TRIPLEXNet, triplex_loss
@@ -26,18 +26,11 @@ VARIANTS = {"trainable": {}, "frozen": {"backbone": "frozen"}}
 NET = dict(dim=16, depth1=1, depth2=2, depth3=1, heads1=2, heads2=2, heads3=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks run fastest on one thread, and do not slow down other jobs on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plugins():
-    builtins = BUILTIN_PLUGINS if "stbench_plugins.triplex" in BUILTIN_PLUGINS else (*BUILTIN_PLUGINS, "stbench_plugins.triplex")
-    return load_plugins(builtins=builtins, entry_points=False)
+    return load_plugins(entry_points=False)
 
 
 def _plan(tmp_path, finetune=False, **settings):

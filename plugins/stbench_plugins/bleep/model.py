@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -15,7 +14,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import random_flips_rot90, to_float
 from stbench.method import FitContext, FinetuneSettings
 from stbench.nn import PromptProjection
-from stbench.torch_method import TorchMethod, spot_batches, standardiser
+from stbench.torch_method import TorchMethod, pool_batch_size, spot_batches, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
 from stbench_plugins.bleep import AGGREGATES, MATCH_ON, bleep_patches
 from stbench_plugins.bleep.retrieval import ReferenceSet
@@ -182,16 +181,12 @@ class BLEEP(TorchMethod):
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.lr)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.device.type == "cuda")
 
-        pool = [(k, int(i)) for k, s in enumerate(train) for i in self._trainable_spots(s)]
+        pool = spot_pool(train, self._trainable_spots)
         if len(pool) < 2:
             raise ConfigError(f"bleep: only {len(pool)} training spot(s) have their patch inside the image; "
                               "a contrastive model needs at least 2")
-        batch = cfg.batch_size
-        if len(pool) < batch:
-            warnings.warn(f"bleep: {len(pool)} training spots, fewer than a batch of {batch}: using batches of "
-                          f"{len(pool)}", stacklevel=2)
-            batch = len(pool)
-        val_pool = [(k, int(i)) for k, s in enumerate(val) for i in self._trainable_spots(s)]
+        batch = pool_batch_size(len(pool), cfg.batch_size, "bleep")
+        val_pool = spot_pool(val, self._trainable_spots)
         # validation batches: one fixed random order, so the loss of every epoch is over the same batches
         val_order = np.random.default_rng(context.seed + 1).permutation(len(val_pool))
         best, best_state, stale = math.inf, None, 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import numpy as np
@@ -15,7 +14,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import random_dihedral, to_float
 from stbench.method import FitContext
 from stbench.nn import ResMLP
-from stbench.torch_method import TorchMethod, spot_batches, standardiser
+from stbench.torch_method import TorchMethod, pool_batch_size, spot_batches, spot_pool, standardiser
 from stbench.weights import UNI_ARCH, UNI_HELP, UNI_TIMM_KWARGS, create_timm_model, resolve_weights, uni_weights
 from stbench_plugins.hyperst import lorentz as L
 from stbench_plugins.hyperst.losses import hca_loss, hea_loss
@@ -275,16 +274,12 @@ class HyperST(TorchMethod):
         optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad], cfg.lr)
         scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp and self.device.type == "cuda")
 
-        pool = [(k, int(i)) for k, s in enumerate(train) for i in self._trainable_spots(s)]
+        pool = spot_pool(train, self._trainable_spots)
         if len(pool) < 2:
             raise ConfigError(f"hyperst: only {len(pool)} training spot(s) have their spot and niche inside the image "
                               "and a complete niche; set methods.hyperst.complete_niches_only=false or use more slides")
-        batch = cfg.batch_size
-        if len(pool) < batch:
-            warnings.warn(f"hyperst: {len(pool)} training spots, fewer than a batch of {batch}: using batches of "
-                          f"{len(pool)}", stacklevel=2)
-            batch = len(pool)
-        val_pool = [(k, int(i)) for k, s in enumerate(val) for i in self._trainable_spots(s)]
+        batch = pool_batch_size(len(pool), cfg.batch_size, "hyperst")
+        val_pool = spot_pool(val, self._trainable_spots)
         best, best_state, stale = math.inf, None, 0
         self.history = []
         for epoch in range(cfg.epochs):

@@ -17,7 +17,7 @@ from stbench.errors import ConfigError
 from stbench.images.augment import N_DIHEDRAL, dihedral, random_flips_rot90, to_float
 from stbench.method import FitContext
 from stbench.metrics import pcc
-from stbench.torch_method import TorchMethod, group_by_slide, standardiser
+from stbench.torch_method import TorchMethod, group_by_slide, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
 
 #: spots per forward pass at prediction and validation time (times 8 with TTA)
@@ -210,7 +210,7 @@ class STNet(TorchMethod):
         self.device = torch.device(context.device)
         torch.manual_seed(context.seed)
         self._rng = np.random.default_rng(context.seed)
-        pool = [(k, int(i)) for k, s in enumerate(train) for i in np.flatnonzero(self._in_image(s))]
+        pool = spot_pool(train, self._in_image)
         if not pool:
             raise ConfigError("stnet: no training spot has its patch inside the image; check the images and "
                               "images.min_inside")

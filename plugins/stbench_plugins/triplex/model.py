@@ -16,7 +16,7 @@ from stbench.images.augment import random_flips_rot90, to_float
 from stbench.method import FitContext
 from stbench.metrics import pcc
 from stbench.nn import CrossEncoder, GlobalEncoder, NeighborEncoder
-from stbench.torch_method import TorchMethod, spot_batches, standardiser
+from stbench.torch_method import TorchMethod, spot_batches, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
 from stbench_plugins.triplex.checkpoint import load_backbone_file
 
@@ -188,7 +188,7 @@ class TRIPLEX(TorchMethod):
         self._slide_inputs = {}
         torch.manual_seed(context.seed)
         self._rng = np.random.default_rng(context.seed)
-        pool = [(k, int(i)) for k, s in enumerate(train) for i in np.flatnonzero(self._usable(s))]
+        pool = spot_pool(train, self._usable)
         if not pool:
             raise ConfigError("triplex: no training spot has its target inside the image; check the images and "
                               "images.min_inside")
