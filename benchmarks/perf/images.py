@@ -25,16 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from report import emit, machine  # benchmarks/perf/report.py, beside this script
-
-
-def best_of(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from report import best_of, emit, machine  # benchmarks/perf/report.py, beside this script
 
 
 def encoder_rate(n=4096):

@@ -18,23 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from report import emit, machine  # benchmarks/perf/report.py, beside this script
+from report import best_of, emit, machine  # benchmarks/perf/report.py, beside this script
 
 BATCH = 128
-
-
-def best_of(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _evict(path: Path) -> bool:
