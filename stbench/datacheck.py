@@ -9,6 +9,7 @@ import numpy as np
 
 from stbench import benchmark
 from stbench import config as cfg
+from stbench.data.checks import load_checked
 from stbench.data.expression import read_panel_file
 from stbench.specs import resolve
 
@@ -47,7 +48,7 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
     for i, info in enumerate(infos, 1):
         if progress:
             progress(f"section {info.name} ({i}/{len(infos)})" + (", drawing its overview" if info.has_image else ""))
-        s = dataset.load_section(info.name)
+        s = load_checked(dataset, info.name)
         library = np.asarray(s.counts.sum(axis=1)).ravel()
         qc = getattr(dataset, "qc", {}).get(info.name, {})
         without = qc.get("n_spotfile_rows_without_counts", 0)

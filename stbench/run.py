@@ -31,6 +31,7 @@ from stbench.lock import RunLock
 from stbench.benchmark import panel_path
 from stbench.data.expression import (UNITS, high_mean_high_variance_genes, highly_variable_genes, make_slide,
                                      read_panel_file)
+from stbench.data.checks import load_checked
 from stbench.data.model import Section, SectionInfo, Slide
 from stbench.errors import ConfigError, DataError
 from stbench.method import FinetuneSettings, FitContext, Method
@@ -272,7 +273,7 @@ class SlideStore:
 
     def section(self, name: str) -> Section:
         if name not in self._sections:
-            self._sections[name] = self.plan.dataset.load_section(name)
+            self._sections[name] = load_checked(self.plan.dataset, name)
         return self._sections[name]
 
     def panel(self, fold: Fold) -> list[str]:
