@@ -133,7 +133,10 @@ def summary_rows(run_dirs: list[Path], columns=None) -> tuple[list[dict], dict]:
                 raise ConfigError(f"method {method} with the same settings appears in more than one run directory")
             configs.setdefault(method, []).append(config)
             n_folds, n_slides = len({r["fold"] for r in res}), len(res)
-            row = {"method": method, "folds": n_folds, "slides": n_slides, "config": config, "missing": 0}
+            row = {"method": method, "folds": n_folds, "slides": n_slides, "config": config, "missing": 0,
+                   # per test slide, for the paired comparisons (stbench.significance); not a table column
+                   "_per_slide": {col: {(r["fold"], r["slide"]): _number(r[col]) for r in res}
+                                  for col, _ in columns if res and col in res[0]}}
             for col, _ in columns:
                 st = _column_stats(res, folds, col)
                 row.update({f"{col}:{k}": v for k, v in st.items()})
@@ -167,6 +170,75 @@ def summarise(run_dirs: list[Path], columns=None):
 
     rows, meta = summary_rows(run_dirs, columns)
     return pd.DataFrame(rows), meta
+
+
+def _best_row(rows: list[dict], plugins, metric: str) -> Optional[dict]:
+    defined = [r for r in rows if not math.isnan(r.get(f"{metric}:mean", math.nan))]
+    if not defined:
+        return None
+    sign = -1.0 if _higher_is_better(plugins, metric) is False else 1.0
+    return max(defined, key=lambda r: sign * r[f"{metric}:mean"])
+
+
+def add_significance(rows: list[dict], plugins, metric: str = "pcc", baseline: Optional[str] = None) -> list[str]:
+    """Compare every row with the best row and with ``baseline`` (a row's label) slide by slide
+    (:mod:`stbench.significance`); adds ``vs_best:*`` and ``vs_baseline:*`` entries to the rows and
+    returns the lines that explain them (the reference rows, the tests, and whether any difference can
+    be significant with this many slides)."""
+    from stbench import significance as sig
+
+    if not rows or f"{metric}:mean" not in rows[0]:
+        raise ConfigError(f"metric {metric!r} is not a column of these runs (option --significance-metric)")
+    best = _best_row(rows, plugins, metric)
+    if best is None:
+        return [f"No paired comparison: {metric} is undefined for every row."]
+    references = [("best", best)]
+    if baseline is not None:
+        named = [r for r in rows if r["method"] == baseline]
+        if not named:
+            raise ConfigError(f"--baseline {baseline!r} is not a row of this leaderboard; choose one of "
+                              + ", ".join(r["method"] for r in rows))
+        references.append(("baseline", named[0]))
+    reachable = True
+    for row in rows:
+        for key, ref in references:
+            if row is ref:
+                row[f"vs_{key}:reference"] = True
+                continue
+            c = sig.compare(row["_per_slide"].get(metric, {}), ref["_per_slide"].get(metric, {}))
+            if c is None:
+                continue
+            row.update({f"vs_{key}:delta": c.mean_diff, f"vs_{key}:ci_low": c.ci_low, f"vs_{key}:ci_high": c.ci_high,
+                        f"vs_{key}:n": c.n, f"vs_{key}:p": c.p})
+            if key == "best":
+                reachable = reachable and sig.can_reach(c.n)
+    ns = sorted({r[f"vs_{k}:n"] for r in rows for k, _ in references if f"vs_{k}:n" in r})
+    if reachable:
+        for row in rows:
+            if row is not best and "vs_best:p" in row:
+                row["vs_best:indistinguishable"] = row["vs_best:p"] >= sig.ALPHA
+    lines = [f"Paired comparison on {metric} over test slides: Δ = row − reference, per-slide differences over "
+             f"the slides both rows were scored on (n); p from the two-sided Wilcoxon signed-rank test (exact "
+             f"for small n); 95 % CI of the mean Δ from a percentile bootstrap over slides ({sig.N_RESAMPLES:,} "
+             f"resamples, seed {sig.SEED}). Reference rows: best = {best['method']}"
+             + (f", baseline = {references[1][1]['method']}" if len(references) > 1 else "") + "."]
+    if not reachable:
+        n = min(ns) if ns else 0
+        lines.append(f"With {n} paired slides the smallest two-sided exact p is {sig.smallest_p(n):.4g} > "
+                     f"{sig.ALPHA}: no row can be shown to differ from the best, so none is marked.")
+    else:
+        lines.append(f"≈ marks rows not distinguishable from the best (p ≥ {sig.ALPHA}).")
+    return lines
+
+
+def _comparison_cell(row: dict, key: str) -> str:
+    if row.get(f"vs_{key}:reference"):
+        return f"({key})"
+    if f"vs_{key}:n" not in row:
+        return "-"  # fewer than two slides pair up (e.g. a metric undefined for the row)
+    mark = " ≈" if row.get(f"vs_{key}:indistinguishable") else ""
+    return (f"{row[f'vs_{key}:delta']:+.3f} [{row[f'vs_{key}:ci_low']:+.3f}, {row[f'vs_{key}:ci_high']:+.3f}]"
+            f" n={int(row[f'vs_{key}:n'])} p={row[f'vs_{key}:p']:.3g}{mark}")
 
 
 def settings_lines(meta: dict, plugins) -> list[str]:
@@ -236,7 +308,7 @@ MISSING_NOTE = ("⚠ marks rows with numbers computed on fewer slides or folds t
 
 def _csv_table(rows: list[dict]) -> str:
     out = io.StringIO()
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    columns = list(dict.fromkeys(k for r in rows for k in r if not k.startswith("_")))
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)
     for r in rows:
@@ -251,18 +323,22 @@ def _csv_table(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False) -> str:
+def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False,
+           significance: Optional[dict] = None) -> str:
     """The table (rows of :func:`summary_rows`, or the DataFrame of :func:`summarise`) as text.
-    ``compact``: the headline columns only (for terminals); files get all."""
+    ``compact``: the headline columns only (for terminals); files get all. ``significance``:
+    ``{"metric": "pcc", "baseline": None}`` adds the paired comparisons of :func:`add_significance`
+    (a second table; columns ``vs_best:*`` / ``vs_baseline:*`` in csv)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown leaderboard format {fmt!r} (option --format); choose one of {', '.join(FORMATS)}")
-    rows = table.to_dict("records") if hasattr(table, "to_dict") else list(table)
+    rows = [dict(r) for r in (table.to_dict("records") if hasattr(table, "to_dict") else table)]
+    sig_notes = add_significance(rows, plugins, **significance) if significance else []
     present = set(rows[0]) if rows else set()
     columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in present]
     header = header_line(meta)
     if fmt == "csv":
         preset = [f"Preset: {meta['protocol']['preset']}."] if meta["protocol"].get("preset") else []
-        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins))
+        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins) + sig_notes)
         return f"# {header}\n" + notes + _csv_table(rows)
     from tabulate import tabulate
 
@@ -283,15 +359,27 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
         notes.insert(0, f"Preset: {meta['protocol']['preset']}.")
     if any(r.get("missing", 0) for r in rows):
         notes.append(MISSING_NOTE)
+    sig_labels, sig_body = ["method", "vs best: Δ [95% CI] n p"], []
+    if sig_notes:
+        keys = ["best"] + (["baseline"] if significance.get("baseline") else [])
+        if "baseline" in keys:
+            sig_labels.append("vs baseline: Δ [95% CI] n p")
+        sig_body = [[r["method"]] + [_comparison_cell(r, k) for k in keys] for r in rows]
     if fmt == "md":
         if compact:  # for a terminal: the header wrapped, the table narrow
             header = textwrap.fill(header, width=120)
         footer = "".join(f"\n{line}\n" for line in notes)
+        if sig_body:
+            footer += ("\n" + tabulate(sig_body, headers=sig_labels, tablefmt="github", disable_numparse=True) + "\n"
+                       + "".join(f"\n{line}\n" for line in sig_notes))
         return f"{header}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n" + footer
     if fmt == "html":
         import html
 
         footer = "".join(f"<p>{html.escape(line)}</p>\n" for line in notes)
+        if sig_body:
+            footer += (tabulate(sig_body, headers=sig_labels, tablefmt="html", disable_numparse=True) + "\n"
+                       + "".join(f"<p>{html.escape(line)}</p>\n" for line in sig_notes))
         title = html.escape(f"stbench leaderboard: {meta['protocol'].get('benchmark')}")
         return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
                 f"<title>{title}</title>\n</head>\n<body>\n<p>{html.escape(header)}</p>\n"
@@ -301,4 +389,8 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
     latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("_", r"\_")
                     for lbl in labels]
     footer = "".join(f"% {line}\n" for line in notes)
+    if sig_body:
+        body_tex = [[c.replace("≈", r"$\approx$").replace("_", r"\_") for c in r] for r in sig_body]
+        footer += (tabulate(body_tex, headers=[lbl.replace("Δ", r"$\Delta$") for lbl in sig_labels], tablefmt="latex_raw",
+                            disable_numparse=True) + "\n" + "".join(f"% {line}\n" for line in sig_notes))
     return f"% {header}\n" + tabulate(latex_body, headers=latex_labels, tablefmt="latex_raw", disable_numparse=True) + "\n" + footer
