@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--finetune", action="store_true", default=None,
                      help="fine-tune a copy of each fold's model on each test slide's prompts (METHODS.md §9.1)")
     run.add_argument("--device", help="torch device for methods: cpu, cuda, cuda:N (default: cuda when present, else cpu)")
+    run.add_argument("--save-models", action="store_true",
+                     help="keep each fold's fitted model under RUN_DIR/models/<method>/fold<k> (for stbench predict)")
+    run.add_argument("--fit-all", action="store_true",
+                     help="with --save-models: also fit one model per method on every section (models/<method>/all)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors only)")
 
     ls = sub.add_parser("list", help="list registered methods, datasets, splits, metrics, prompts, encoders, plugins")
@@ -92,7 +96,7 @@ def cmd_run(args) -> int:
     config, base_dir = resolve_config(args.dataset, args.config, args.set, _shorthands(args))
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # unique, in order
     out = Path(args.out) if args.out else Path("runs") / f"{config.benchmark}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
-    plan = resolve_plan(config, methods, out, plugins, base_dir)
+    plan = resolve_plan(config, methods, out, plugins, base_dir, save_models=args.save_models, fit_all=args.fit_all)
     if not args.quiet:
         print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "
               f"{len(plan.folds)} folds of {config.split}); writing to {out}", file=sys.stderr)

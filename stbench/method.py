@@ -28,6 +28,13 @@ order, prompt spots included. Anything else stops the run with an error naming t
 What a method needs beyond expression (coordinates, image features, whole-slide context) is declared in
 ``MethodSpec.needs``; the harness prepares only that and hands it over through :class:`FitContext`.
 Slide-level models (PHG2ST) receive whole slides in both calls; spot-level models iterate over spots.
+
+Saving and loading (``stbench run --save-models``, ``stbench predict``). A method that can outlive the run
+implements :meth:`Method.get_state` and :meth:`Method.set_state`: its fitted state as plain data, named
+arrays (saved as one ``.safetensors`` file) and JSON metadata, never pickled objects, so loading a model
+cannot run code. :meth:`Method.from_state` rebuilds a method from its config and a saved state; a torch
+method gets all three from :class:`stbench.torch_method.TorchMethod` by describing how to rebuild its
+network from JSON metadata. The harness saves the fitted method *before* any fine-tuning on a test slide.
 """
 
 from __future__ import annotations
@@ -71,8 +78,22 @@ class FinetuneSettings:
     seed: int = 0
 
 
+@dataclass
+class FittedState:
+    """A fitted method as plain data.
+
+    ``arrays``: name → NumPy array (or torch tensor, for torch methods), saved as one ``.safetensors``
+    file; ``meta``: JSON-serialisable numbers, strings, lists and dicts (chosen penalties, network
+    widths, training history). Nothing else is saved, so nothing but data is ever loaded.
+    """
+
+    arrays: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+
+
 class Method:
-    """Base class of methods. Subclasses implement :meth:`fit` and :meth:`predict`."""
+    """Base class of methods. Subclasses implement :meth:`fit` and :meth:`predict`, and optionally
+    :meth:`finetune` and the pair :meth:`get_state` / :meth:`set_state` (saving fitted models)."""
 
     def fit(self, train: list[Slide], val: list[Slide], context: FitContext) -> None:
         raise NotImplementedError
@@ -87,6 +108,29 @@ class Method:
     @classmethod
     def supports_finetune(cls) -> bool:
         return cls.finetune is not Method.finetune
+
+    # -- saving and loading the fitted state ---------------------------------------------------------
+    def get_state(self) -> FittedState:
+        """The fitted state (after :meth:`fit`) as arrays and JSON metadata: everything :meth:`predict`
+        and :meth:`finetune` need beyond the config."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its fitted state")
+
+    def set_state(self, state: FittedState, device: str = "cpu") -> None:
+        """Restore what :meth:`get_state` returned, on a method freshly built from the same config, so
+        that :meth:`predict` gives what the fitted method gave. ``device``: the torch device to use."""
+        raise NotImplementedError(f"{type(self).__name__} cannot load a fitted state")
+
+    @classmethod
+    def supports_save(cls) -> bool:
+        return cls.get_state is not Method.get_state and cls.set_state is not Method.set_state
+
+    @classmethod
+    def from_state(cls, config: Any, state: FittedState, device: str = "cpu") -> "Method":
+        """A fitted method rebuilt from its config and a saved state. Override when building from the
+        config alone would read something the saved state replaces (e.g. a backbone's weights file)."""
+        method = cls(config)
+        method.set_state(state, device)
+        return method
 
     # Optional: a method may describe itself for the run record (e.g. chosen hyperparameters).
     def summary(self) -> dict[str, Any]:

@@ -10,6 +10,8 @@ Layout of ``RUN_DIR``::
     results.csv               one row per method x fold x test slide (merged from parts/)
     fold_results.csv          one row per method x fold: fold-level metrics (pooled PCC, PCC@k)
     predictions/<method>/<slide>.h5ad
+    models/<method>/fold<k>/, models/<method>/all/
+                              with --save-models (--fit-all): the fitted models (stbench.models)
     parts/<method>/fold<k>.slides.csv, fold<k>.versions.json, fold<k>.fold.csv
                               per-unit results and the versions that computed them; the .fold.csv
                               marks the unit done

@@ -38,6 +38,7 @@ from stbench.method import FinetuneSettings, FitContext, Method
 from stbench.metrics import MetricValue
 from stbench.plugins import Plugins
 from stbench.prompts import check_prompt_counts, n_prompts, select_prompts
+from stbench import models
 from stbench.results import RunDir, write_prediction
 from stbench.splits import Fold, check_folds
 
@@ -67,13 +68,21 @@ class Plan:
     needs: dict = field(default_factory=dict)
     #: every patch (stbench.images.patches.PatchRequest) a method of the run reads
     patch_requests: list = field(default_factory=list)
+    #: keep each fold's fitted model under RUN_DIR/models/<method>/fold<k> (stbench.models)
+    save_models: bool = False
+    #: also fit one model per method on every section (no test fold): RUN_DIR/models/<method>/all
+    fit_all: bool = False
 
 
 def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, plugins: Plugins,
-                 base_dir: Optional[Path] = None) -> Plan:
-    """Validate names and options, open the dataset and make the folds (no heavy work yet)."""
+                 base_dir: Optional[Path] = None, save_models: bool = False, fit_all: bool = False) -> Plan:
+    """Validate names and options, open the dataset and make the folds (no heavy work yet).
+    ``save_models``: keep every fold's fitted model; ``fit_all``: also fit and keep one model per method
+    on every section (needs ``save_models``)."""
     if not method_names:
         raise ConfigError("no methods given; pass --methods NAME[,NAME...] (see 'stbench list methods')")
+    if fit_all and not save_models:
+        raise ConfigError("--fit-all fits the models to deploy and keeps nothing without --save-models; add --save-models")
     check_out_dir(Path(out_dir))
     if isinstance(config.seed, bool) or not 0 <= config.seed < 2**63:
         raise ConfigError(f"seed must be a non-negative integer, got {config.seed} (option --seed or key seed)")
@@ -96,7 +105,11 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
 
     normaliser(config.normalisation)
     for name, mconf in methods.items():  # a method rejects bad settings when built: before anything is written
-        plugins.methods.load(name)(copy.deepcopy(mconf))
+        built = plugins.methods.load(name)(copy.deepcopy(mconf))
+        if save_models and not type(built).supports_save():
+            from stbench.models import cannot_save
+
+            raise cannot_save(name, type(built))
     dspec = plugins.datasets.get(config.dataset, "option --dataset")
     options = cfg.build(dspec.options, config.dataset_options, "dataset_options") if dspec.options else None
     if config.dataset_options and not dspec.options:
@@ -105,6 +118,16 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     dataset = plugins.datasets.load(config.dataset)(data_dir, options)
 
     sections = list(dataset.sections())
+    measured = [s for s in sections if s.has_counts]
+    if not measured:
+        raise DataError(f"no section of dataset {config.dataset} has measured counts, so nothing can be trained or "
+                        "scored; to predict sections without counts use 'stbench predict --model ...'")
+    if len(measured) < len(sections):
+        unmeasured = [s.name for s in sections if not s.has_counts]
+        warnings.warn(f"{len(unmeasured)} section(s) of dataset {config.dataset} have no counts and are left out of the "
+                      f"run ({', '.join(unmeasured[:5])}{' ...' if len(unmeasured) > 5 else ''}); predict them with "
+                      "'stbench predict'", stacklevel=2)
+        sections = measured
     needs = {m: plugins.methods.get(m).needs_for(c) for m, c in methods.items()}  # from each method's settings
     if any(IMAGE_NEEDS & needs[m] for m in methods):
         imaged = [s for s in sections if s.has_image]
@@ -128,7 +151,8 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     kwargs = vars(params) if params is not None else {}
     folds = plugins.splits.load(config.split, "func")(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
-    plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds)
+    plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds,
+                save_models=save_models, fit_all=fit_all)
     plan.needs = needs
     plan.patch_requests = sorted({r for m, c in methods.items() for r in plugins.methods.get(m).patches_for(c)},
                                  key=lambda r: r.name)
@@ -499,7 +523,9 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
         record["encoder"] = encoder
     metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
     units = [(m, f) for m in plan.methods for f in plan.folds]
-    todo = [(m, f) for m, f in units if not run.is_done(m, f.index)]
+    todo = [(m, f) for m, f in units if not _unit_complete(run, plan, m, f)]
+    # --fit-all: one model per method on every section, complete once saved
+    fit_all = [m for m in plan.methods if plan.fit_all and not models.is_saved(models.model_dir(plan.out_dir, m, models.ALL))]
     device = pick_device(config.device)
 
     run.write_json("run.json", record)
@@ -513,7 +539,7 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     invocation = {**versions(), "seed": config.seed,
                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "plugins": {i.name: i.package for i in plan.plugins.infos.values()},
-                  "units": [f"{m}/fold{f.index}" for m, f in todo]}
+                  "units": [f"{m}/fold{f.index}" for m, f in todo] + [f"{m}/{models.ALL}" for m in fit_all]}
     run.append_versions(invocation)
     run.write_json("prompts.json", {
         "strategy": config.prompt.strategy, "ratio": config.prompt.ratio, "seed": config.seed,
@@ -537,6 +563,10 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
             bar.update(1)
     if bar is not None:
         bar.close()
+    for method_name in fit_all:
+        if progress:
+            progress(f"{method_name}: fitting on every section (the model to deploy, models/{method_name}/{models.ALL})")
+        _fit_all_unit(plan, store, method_name, device)
     results, fold_results = run.merge()
     return True, RunOutcome(plan.out_dir, results, fold_results, len(todo), len(units) - len(todo))
 
@@ -556,6 +586,8 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
                          prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
                          prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
     method.fit(train, val, context)
+    if plan.save_models:  # the fold's model, before any fine-tuning on a test slide
+        save_model(plan, store, method_name, method, fold, genes, models.fold_scope(fold.index))
     finetune = config.finetune.enabled and spec.finetune and type(method).supports_finetune()
     settings = FinetuneSettings(epochs=config.finetune.epochs, lr=config.finetune.lr, seed=config.seed)
 
@@ -569,21 +601,13 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
             model = copy.deepcopy(method)  # the fold's model stays untouched for the next slide
             _seed_everything(config.seed)
             model.finetune(masked, settings)
-        pred = np.asarray(model.predict(masked))
-        if pred.shape != slide.expr.shape:
-            raise RuntimeError(f"method {method_name} predicted shape {pred.shape} for slide {slide.name}, expected {slide.expr.shape}")
-        if not np.isfinite(pred).all():
-            raise RuntimeError(f"method {method_name} predicted NaN or infinite values for slide {slide.name}")
+        pred = checked_prediction(model.predict(masked), method_name, masked)
         is_prompt = masked.prompt_mask()
         scored = ~is_prompt
         row = {"method": method_name, "fold": fold.index, "slide": slide.name, "patient": slide.patient,
                "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
                "finetuned": bool(finetune)}
-        for m in slide_metrics:
-            func = plan.plugins.metrics.load(m.name, "func")
-            row.update(_metric_columns(m.name, func(pred[scored], slide.expr[scored]), spec, m))
-        for m in slide_metrics:
-            row.update(_metric_columns(f"{m.name}_all", plan.plugins.metrics.load(m.name, "func")(pred, slide.expr), spec, m))
+        row.update(score_slide(plan.plugins, spec, slide_metrics, pred, slide.expr, is_prompt))
         slide_rows.append(row)
         preds_np.append(pred[scored]); truths_np.append(slide.expr[scored])
         preds_all.append(pred); truths_all.append(slide.expr)
@@ -600,3 +624,145 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
         fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx), spec, m))
         fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx), spec, m))
     return slide_rows, fold_row
+
+
+def checked_prediction(pred, method_name: str, slide: Slide) -> np.ndarray:
+    """A method's prediction for ``slide`` as an array, refused unless (N, G) and finite."""
+    pred = np.asarray(pred)
+    if pred.shape != (slide.n_spots, slide.n_genes):
+        raise RuntimeError(f"method {method_name} predicted shape {pred.shape} for slide {slide.name}, "
+                           f"expected {(slide.n_spots, slide.n_genes)}")
+    if not np.isfinite(pred).all():
+        raise RuntimeError(f"method {method_name} predicted NaN or infinite values for slide {slide.name}")
+    return pred
+
+
+def score_slide(plugins: Plugins, spec, metric_specs, pred: np.ndarray, truth: np.ndarray, is_prompt: np.ndarray) -> dict:
+    """The slide metric columns of results.csv (shared by ``stbench run`` and ``stbench predict``): each
+    slide-level metric on the non-prompt spots, then ``<metric>_all`` on every spot."""
+    scored = ~np.asarray(is_prompt, dtype=bool)
+    slide_level = [m for m in metric_specs if m.level == "slide"]
+    row: dict = {}
+    for m in slide_level:
+        row.update(_metric_columns(m.name, plugins.metrics.load(m.name, "func")(pred[scored], truth[scored]), spec, m))
+    for m in slide_level:
+        row.update(_metric_columns(f"{m.name}_all", plugins.metrics.load(m.name, "func")(pred, truth), spec, m))
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# saved models (--save-models, --fit-all)
+
+
+def _unit_complete(run: RunDir, plan: Plan, method: str, fold: Fold) -> bool:
+    """A method x fold is complete when its results are written and, with --save-models, its model is saved."""
+    if not run.is_done(method, fold.index):
+        return False
+    return not plan.save_models or models.is_saved(models.model_dir(plan.out_dir, method, models.fold_scope(fold.index)))
+
+
+def whole_dataset_fold(plan: Plan) -> Fold:
+    """The --fit-all "fold": every section of the run fits the model and none is tested.
+
+    Validation slides (used only to *select*: a penalty, an epoch, a checkpoint; closed-form methods
+    then refit on all sections, the rule of stbench.method) follow the split's own inner-validation
+    rule with the whole dataset as the training side: one patient held out (patient-level splits), one
+    section (section-level), ``val_fraction`` of the slides (random splits), chosen with the run's seed;
+    none when the split's ``inner_val`` is false or a single patient (section) is left.
+    """
+    sspec = plan.plugins.splits.get(plan.config.split)
+    params = (cfg.build(plan.plugins.splits.load(plan.config.split, "params"), plan.config.split_params, "split_params")
+              if sspec.params else None)
+    names = sorted(s.name for s in plan.sections)
+    rng = np.random.default_rng(plan.config.seed)
+    val: list[str] = []
+    if getattr(params, "inner_val", True):
+        if sspec.unit == "section":
+            if len(names) >= 2:
+                val = [names[int(rng.integers(len(names)))]]
+        elif sspec.unit == "patient":
+            by_patient: dict[str, list[str]] = {}
+            for s in sorted(plan.sections, key=lambda s: s.name):
+                by_patient.setdefault(s.patient, []).append(s.name)
+            patients = sorted(by_patient)
+            if len(patients) >= 2:
+                val = by_patient[patients[int(rng.integers(len(patients)))]]
+        else:  # slide-level random splits
+            n_val = max(round(float(getattr(params, "val_fraction", 0.1)) * len(names)), 1)
+            if n_val < len(names):
+                val = sorted(str(n) for n in rng.permutation(names)[:n_val])
+    train = tuple(n for n in names if n not in val)
+    return Fold(index=-1, train=train, val=tuple(val), test=(), name="all sections")
+
+
+def _fit_all_unit(plan: Plan, store: SlideStore, method_name: str, device: str) -> None:
+    """Fit ``method_name`` on every section (:func:`whole_dataset_fold`) and save it as models/<method>/all."""
+    config = plan.config
+    fold = whole_dataset_fold(plan)
+    genes = store.panel(fold)
+    train = [store.slide(s, genes) for s in fold.train]
+    val = [store.slide(s, genes) for s in fold.val]
+    method: Method = plan.plugins.methods.load(method_name)(copy.deepcopy(plan.methods[method_name]))
+    _seed_everything(config.seed)
+    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, device=device,
+                         workdir=plan.out_dir / "work" / method_name / models.ALL,
+                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
+                         prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
+    method.fit(train, val, context)
+    save_model(plan, store, method_name, method, fold, genes, models.ALL)
+
+
+def model_record(plan: Plan, store: SlideStore, method_name: str, fold: Fold, genes: list[str], scope: str) -> dict:
+    """What model.json says beside the weights: what the model expects as input and where it came from."""
+    config = plan.config
+    patient_of = {s.name: s.patient for s in plan.sections}
+    fitted_on = [store.section(n) for n in fold.train + fold.val]
+    lattices = sorted({s.lattice for s in fitted_on})
+    pitches = sorted({float(s.spot_pitch_um) for s in fitted_on})
+    mpps = [float(s.mpp) for s in fitted_on if s.mpp is not None]
+    needs = plan.needs.get(method_name, frozenset())
+    encoder = None
+    if plan.encoder is not None and any(n in FEATURE_KINDS for n in needs):
+        encoder = models.encoder_identity(plan.encoder, config.images.encoder)
+    spec = plan.plugins.methods.get(method_name)
+    if scope == models.ALL:
+        description = (f"fitted on every section of {config.benchmark} (no test fold: the model to deploy, never "
+                       f"scored); validation {', '.join(fold.val) or 'none'}, chosen by the inner-validation rule of "
+                       f"split {config.split} applied to all patients")
+    else:
+        description = (f"fold {fold.index} of {config.split} on {config.benchmark} (test {', '.join(fold.test)}), "
+                       "saved before any fine-tuning on a test slide")
+    return {
+        "method": method_name,
+        "scope": "all" if scope == models.ALL else "fold",
+        "fold": None if scope == models.ALL else fold.index,
+        "description": description,
+        "config": cfg.to_dict(plan.methods[method_name]),
+        "needs": sorted(needs),
+        "patches": [r.name for r in spec.patches_for(plan.methods[method_name])],
+        "genes": list(genes),
+        "normalisation": config.normalisation,
+        "units": UNITS[config.normalisation],
+        "encoder": encoder,
+        "images": cfg.to_dict(config.images),
+        "dataset": {"name": config.dataset, "benchmark": config.benchmark, "version": config.version,
+                    "options": dict(config.dataset_options)},
+        "geometry": {"lattice": lattices[0] if len(lattices) == 1 else lattices,
+                     "spot_pitch_um": pitches[0] if len(pitches) == 1 else pitches,
+                     "spot_diameter_um": float(fitted_on[0].spot_diameter_um),
+                     "mpp_range": [min(mpps), max(mpps)] if mpps else None},
+        "sections": {side: list(getattr(fold, side)) for side in ("train", "val", "test")},
+        "patients": {side: sorted({patient_of[s] for s in getattr(fold, side)}) for side in ("train", "val", "test")},
+        "protocol": {"split": config.split, "protocol_level": config.protocol_level, "seed": config.seed,
+                     "prompt": cfg.to_dict(config.prompt), "finetune": cfg.to_dict(config.finetune),
+                     "metrics": list(config.metrics)},
+        "provenance": {"stbench": stbench.__version__, "stbench_git": git_revision(),
+                       "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "run_dir": str(plan.out_dir.resolve())},
+    }
+
+
+def save_model(plan: Plan, store: SlideStore, method_name: str, method: Method, fold: Fold, genes: list[str],
+               scope: str) -> None:
+    models.save(models.model_dir(plan.out_dir, method_name, scope), method,
+                model_record(plan, store, method_name, fold, genes, scope))

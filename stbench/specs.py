@@ -60,6 +60,9 @@ class MethodSpec:
             (``slide.patches[request.name]``).
         finetune: whether the harness's prompt fine-tuning protocol (METHODS.md §9.1) applies when it is
             switched on; retrieval methods such as BLEEP declare ``False``.
+        takes_prompts: the method reads a slide's prompt spots (``slide.prompt_idx``, ``prompt_expr``) as
+            input to predict it (PHG2ST, ``prompt_knn``): a slide without measured prompt spots cannot be
+            predicted, so ``stbench predict`` asks for ``--prompts FILE``.
         constant_predictor: the method predicts one vector for every spot of a slide by design (the
             ``mean`` baseline). Its correlation metrics (``MetricSpec.undefined_for_constant``) are
             reported as undefined instead of 0. Any other method whose prediction happens to be constant
@@ -77,6 +80,7 @@ class MethodSpec:
     needs: Union[frozenset, Callable[[Any], Any]] = frozenset({"expression"})
     patches: Union[tuple, Callable[[Any], Any]] = ()
     finetune: bool = True
+    takes_prompts: bool = False
     constant_predictor: bool = False
     test_settings: dict = field(default_factory=dict)
     description: str = ""

@@ -7,6 +7,11 @@ expression restricted to the benchmark's gene panel and normalised.
 
 At test time a method gets a *masked* slide (:meth:`Slide.masked`): its ``expr`` is ``None`` and only the
 prompt spots' expression is visible, so no method can read the truth it is scored on.
+
+A section may have no counts at all (``counts`` is ``None``: an H&E image and spot positions, nothing
+measured), the slide a trained model is asked to predict (``stbench predict``). Such a section cannot be
+trained or scored on: a run leaves it out; :meth:`Slide.unmeasured` makes the slide a method predicts,
+with prompt spots when some were measured separately.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class SectionInfo:
     name: str
     patient: str
     has_image: bool = False
+    #: False for a section with an image and spot positions but no measured counts (predict only)
+    has_counts: bool = True
 
 
 @dataclass
@@ -45,7 +52,8 @@ class Section:
         patient: patient id; sections of one patient are never split between train and test.
         spot_ids: (N,) spot identifiers (``"<x>x<y>"`` for legacy ST).
         genes: (G_all,) gene symbols of ``counts``' columns.
-        counts: (N, G_all) raw UMI counts, a ``scipy.sparse.csr_matrix`` of integers.
+        counts: (N, G_all) raw UMI counts, a ``scipy.sparse.csr_matrix`` of integers; ``None`` for a
+            section nothing was measured on (``genes`` is then empty).
         grid: (N, 2) integer array coordinates (x = column, y = row).
         pixel: (N, 2) spot centre (x, y) in full-resolution image pixels.
         mpp: microns per full-resolution pixel, or ``None`` if the section has no image frame.
@@ -83,6 +91,10 @@ class Section:
     @property
     def has_image(self) -> bool:
         return self.image_path is not None or self.image_loader is not None
+
+    @property
+    def has_counts(self) -> bool:
+        return self.counts is not None
 
     def fingerprint(self) -> list:
         """What identifies the data read: each source file's name, size and modification time (as the
@@ -192,6 +204,33 @@ class Slide:
         return dataclasses.replace(
             self, expr=None, prompt_idx=prompt_idx, prompt_expr=self.expr[prompt_idx].copy(), section=section,
             niche_expr=None,
+        )
+
+    @classmethod
+    def unmeasured(cls, section: Section, genes, prompt_idx: Optional[np.ndarray] = None,
+                   prompt_expr: Optional[np.ndarray] = None, niche: bool = False) -> "Slide":
+        """The slide a method predicts on a section without (or ignoring) its counts: ``expr`` is None,
+        as on a masked test slide, with ``prompt_idx`` / ``prompt_expr`` (normalised panel expression)
+        when some spots were measured. ``niche``: flag the spots whose lattice niche is complete (the
+        niche_expression need)."""
+        complete = None
+        if niche:
+            from stbench.data.expression import NICHE_SIZE
+            from stbench.images.geometry import lattice_neighbours
+
+            complete = np.array([len(nb) == NICHE_SIZE[section.lattice]
+                                 for nb in lattice_neighbours(section.grid, section.lattice)], dtype=bool)
+        if prompt_idx is not None:
+            prompt_idx = np.asarray(prompt_idx, dtype=np.int64)
+            prompt_expr = np.asarray(prompt_expr, dtype=np.float32)
+            if prompt_expr.shape != (len(prompt_idx), len(genes)):
+                raise ValueError(f"prompt expression has shape {prompt_expr.shape}, expected ({len(prompt_idx)}, {len(genes)})")
+        return cls(
+            name=section.name, patient=section.patient, spot_ids=np.asarray(section.spot_ids),
+            genes=np.asarray(list(genes)), expr=None, grid=section.grid, pixel=section.pixel, mpp=section.mpp,
+            lattice=section.lattice, spot_diameter_um=section.spot_diameter_um, spot_pitch_um=section.spot_pitch_um,
+            section=dataclasses.replace(section, counts=None), prompt_idx=prompt_idx, prompt_expr=prompt_expr,
+            niche_complete=complete,
         )
 
     def prompt_mask(self) -> np.ndarray:

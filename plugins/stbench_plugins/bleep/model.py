@@ -12,7 +12,7 @@ from torch import nn
 
 from stbench.errors import ConfigError
 from stbench.images.augment import random_flips_rot90, to_float
-from stbench.method import FitContext, FinetuneSettings
+from stbench.method import FitContext, FinetuneSettings, FittedState
 from stbench.nn import PromptProjection
 from stbench.torch_method import TorchMethod, pool_batch_size, spot_batches, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
@@ -95,6 +95,8 @@ class BLEEP(TorchMethod):
     (a :class:`~stbench_plugins.bleep.retrieval.ReferenceSet` of every training-patient spot, embedded
     once per fold) and ``best_epoch``.
     """
+
+    saved_weights_fields = ("backbone_weights",)
 
     def __init__(self, config):
         for key, allowed in (("aggregate", AGGREGATES), ("match_on", MATCH_ON)):
@@ -279,6 +281,33 @@ class BLEEP(TorchMethod):
     def finetune(self, slide, settings: FinetuneSettings) -> None:
         super().finetune(slide, settings)
         self._embed_reference()  # the spot head changed: the cached reference embeddings are stale
+
+    # -- saving and loading (stbench.torch_method) ----------------------------------------------------------
+    def network_meta(self) -> dict:
+        return {"in_dim": self.model.image_projection.w.in_features, "n_genes": self.model.spot_projection.w.in_features}
+
+    def build_network(self, meta: dict) -> BLEEPNet:
+        backbone = None if self.frozen else build_backbone(self.config)[0]  # untrained: weights are loaded next
+        return BLEEPNet(meta["in_dim"], meta["n_genes"], self.config.projection_dim, self.config.dropout, backbone)
+
+    def extra_state(self) -> FittedState:
+        # the reference set as it was embedded after training, so retrieval after loading is the same
+        emb = torch.cat([unit * norm[:, None] for unit, norm, _ in self.reference.blocks[:1]])
+        arrays = {"reference_expr": self._reference_expr.cpu().numpy(), "reference_embeddings": emb.cpu().numpy()}
+        if self.frozen:
+            arrays.update(mu=self.mu_, sd=self.sd_)
+        return FittedState(arrays, {"weights_id": self.weights_id, "best_epoch": self.best_epoch,
+                                    "history": self.history})
+
+    def load_extra_state(self, state: FittedState) -> None:
+        if self.frozen:
+            self.mu_, self.sd_ = state.arrays["mu"], state.arrays["sd"]
+        self._reference_expr = torch.as_tensor(state.arrays["reference_expr"], dtype=torch.float32, device=self.device)
+        embeddings = torch.as_tensor(state.arrays["reference_embeddings"], dtype=torch.float32, device=self.device)
+        self.reference = ReferenceSet(embeddings, self._reference_expr)
+        self.weights_id = state.meta["weights_id"]
+        self.best_epoch = state.meta["best_epoch"]
+        self.history = list(state.meta["history"])
 
     def summary(self) -> dict:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad) if self.model else 0

@@ -12,7 +12,7 @@ from torch import nn
 
 from stbench.errors import ConfigError
 from stbench.images.augment import random_dihedral, to_float
-from stbench.method import FitContext
+from stbench.method import FitContext, FittedState
 from stbench.nn import ResMLP
 from stbench.torch_method import TorchMethod, pool_batch_size, spot_batches, spot_pool, standardiser
 from stbench.weights import UNI_ARCH, UNI_HELP, UNI_TIMM_KWARGS, create_timm_model, resolve_weights, uni_weights
@@ -175,6 +175,8 @@ class HyperSTNet(nn.Module):
 
 
 class HyperST(TorchMethod):
+    saved_weights_fields = ("backbone_weights",)
+
     def __init__(self, config):
         checks = (("variant", tuple(VARIANTS)), ("decoder_input", ("both", "spot", "niche")),
                   ("hea_form", ("code", "paper")), ("checkpoint", ("last", "best")))
@@ -344,6 +346,29 @@ class HyperST(TorchMethod):
             idx = np.arange(start, min(start + EVAL_BATCH, slide.n_spots))
             out[idx] = self._predict_spots(slide, idx).cpu().numpy()
         return out
+
+    # -- saving and loading (stbench.torch_method) ----------------------------------------------------------
+    #: the frozen variant's feature standardisation (spot and niche)
+    EXTRA = ("mu_", "sd_", "mu_n_", "sd_n_")
+
+    def network_meta(self) -> dict:
+        return {"in_dim": self.model.image_projector.in_features, "n_genes": self.model.gene_encoder.in_features}
+
+    def build_network(self, meta: dict) -> HyperSTNet:
+        # the whole network is saved, the frozen ViT included: built untrained (with its adapters), then loaded
+        backbone = None if self.frozen else build_backbone(self.config)[0]
+        return HyperSTNet(self.config, meta["in_dim"], meta["n_genes"], backbone)
+
+    def extra_state(self) -> FittedState:
+        arrays = {k: getattr(self, k) for k in self.EXTRA} if self.frozen else {}
+        return FittedState(arrays, {"weights_id": self.weights_id, "history": self.history})
+
+    def load_extra_state(self, state: FittedState) -> None:
+        for k in self.EXTRA:
+            if k in state.arrays:
+                setattr(self, k, state.arrays[k])
+        self.weights_id = state.meta["weights_id"]
+        self.history = list(state.meta["history"])
 
     def summary(self) -> dict:
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad) if self.model else 0

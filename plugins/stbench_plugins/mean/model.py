@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stbench.method import FinetuneSettings, Method
+from stbench.method import FinetuneSettings, FittedState, Method
 
 
 class MeanBaseline(Method):
@@ -22,3 +22,9 @@ class MeanBaseline(Method):
 
     def predict(self, slide):
         return np.tile(self.mean_, (slide.n_spots, 1))
+
+    def get_state(self) -> FittedState:
+        return FittedState({"mean": self.mean_})
+
+    def set_state(self, state: FittedState, device: str = "cpu") -> None:
+        self.mean_ = np.asarray(state.arrays["mean"], dtype=np.float32)

@@ -29,6 +29,8 @@ def stbench_register_methods(register):
             needs=frozenset({"expression", "coords"}),
             # nothing is learned from training slides, so there is nothing to fine-tune
             finetune=False,
+            # it predicts from the test slide's prompt spots alone
+            takes_prompts=True,
             test_settings={"k": 3},
             description="inverse-distance-weighted k nearest prompt spots (no image)",
         )

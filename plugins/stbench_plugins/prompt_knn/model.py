@@ -4,7 +4,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from stbench.errors import ConfigError
-from stbench.method import Method
+from stbench.method import FittedState, Method
 
 
 class PromptKnn(Method):
@@ -15,6 +15,13 @@ class PromptKnn(Method):
 
     def fit(self, train, val, context):
         pass  # nothing to learn: the prediction uses only the test slide's prompts
+
+    # nothing fitted: a saved prompt_knn is its config (k, power)
+    def get_state(self) -> FittedState:
+        return FittedState()
+
+    def set_state(self, state: FittedState, device: str = "cpu") -> None:
+        pass
 
     def predict(self, slide):
         if slide.prompt_idx is None or len(slide.prompt_idx) == 0:

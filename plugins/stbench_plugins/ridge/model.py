@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from stbench.errors import ConfigError
-from stbench.method import FinetuneSettings, Method
+from stbench.method import FinetuneSettings, FittedState, Method
 from stbench.metrics import mse, pcc
 
 
@@ -97,3 +97,14 @@ class Ridge(Method):
 
     def summary(self):
         return {"alpha": self.alpha_}
+
+    #: the arrays of a fitted ridge; the training design is kept because fine-tuning refits with it
+    STATE = ("x_mean_", "x_std_", "y_mean_", "w_", "train_x_", "train_y_")
+
+    def get_state(self) -> FittedState:
+        return FittedState({k: getattr(self, k) for k in self.STATE}, {"alpha": self.alpha_})
+
+    def set_state(self, state: FittedState, device: str = "cpu") -> None:
+        for k in self.STATE:
+            setattr(self, k, np.asarray(state.arrays[k], dtype=np.float64))
+        self.alpha_ = float(state.meta["alpha"])

@@ -15,7 +15,7 @@ from torch import nn
 
 from stbench.errors import ConfigError
 from stbench.images.augment import N_DIHEDRAL, dihedral, random_flips_rot90, to_float
-from stbench.method import FitContext
+from stbench.method import FitContext, FittedState
 from stbench.metrics import pcc
 from stbench.torch_method import TorchMethod, group_by_slide, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
@@ -113,6 +113,8 @@ def _batchnorm_eval_if_single(model: nn.Module, n: int):
 
 
 class STNet(TorchMethod):
+    saved_weights_fields = ("backbone_weights",)
+
     def __init__(self, config):
         self.config = config
         self.frozen = config.backbone == "frozen"
@@ -337,6 +339,29 @@ class STNet(TorchMethod):
     @torch.no_grad()
     def predict(self, slide) -> np.ndarray:
         return self._predict_idx(slide, np.arange(slide.n_spots)).astype(np.float32)
+
+    # -- saving and loading (stbench.torch_method) ----------------------------------------------------------
+    #: arrays kept beside the network: feature standardisation (frozen), input statistics (estimated)
+    EXTRA = ("mu_", "sd_", "input_mean_", "input_std_")
+
+    def network_meta(self) -> dict:
+        return {"in_dim": self.model.head.in_features, "n_genes": self.model.head.out_features}
+
+    def build_network(self, meta: dict) -> STNetNet:
+        backbone = None if self.frozen else build_backbone(self.config)[0]  # untrained: weights are loaded next
+        return STNetNet(meta["in_dim"], meta["n_genes"], backbone, clamp=self.config.clamp)
+
+    def extra_state(self) -> FittedState:
+        arrays = {k: getattr(self, k) for k in self.EXTRA if getattr(self, k) is not None}
+        return FittedState(arrays, {"weights_id": self.weights_id, "best_epoch": self.best_epoch,
+                                    "history": self.history})
+
+    def load_extra_state(self, state: FittedState) -> None:
+        for k in self.EXTRA:
+            setattr(self, k, state.arrays[k].astype(np.float32) if k in state.arrays else None)
+        self.weights_id = state.meta["weights_id"]
+        self.best_epoch = state.meta["best_epoch"]
+        self.history = list(state.meta["history"])
 
     def summary(self) -> dict:
         cfg = self.config

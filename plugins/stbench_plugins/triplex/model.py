@@ -13,7 +13,7 @@ from torch import nn
 
 from stbench.errors import ConfigError
 from stbench.images.augment import random_flips_rot90, to_float
-from stbench.method import FitContext
+from stbench.method import FitContext, FittedState
 from stbench.metrics import pcc
 from stbench.nn import CrossEncoder, GlobalEncoder, NeighborEncoder
 from stbench.torch_method import TorchMethod, spot_batches, spot_pool, standardiser
@@ -107,6 +107,8 @@ class _SingleSampleBatchNorm:
 
 
 class TRIPLEX(TorchMethod):
+    saved_weights_fields = ("backbone_weights",)
+
     def __init__(self, config):
         self.config = config
         self.frozen = config.backbone == "frozen"
@@ -305,6 +307,30 @@ class TRIPLEX(TorchMethod):
         pred = self._predict_idx(slide, np.arange(slide.n_spots)).astype(np.float32)
         self._slide_inputs.pop(slide.name, None)  # test slides are seen once
         return pred
+
+    # -- saving and loading (stbench.torch_method) ----------------------------------------------------------
+    def network_meta(self) -> dict:
+        return {"feat_dim": self.model.global_proj.in_features, "n_genes": self.model.fc.out_features}
+
+    def build_network(self, meta: dict) -> TRIPLEXNet:
+        backbone = None
+        if not self.frozen:  # untrained: the saved weights are loaded next
+            backbone, _, _ = create_timm_model(self.config.backbone, "random", label=f"method triplex's backbone "
+                                               f"{self.config.backbone}", option=OPTION, num_classes=0)
+        return TRIPLEXNet(self.config, meta["feat_dim"], meta["n_genes"], backbone)
+
+    def extra_state(self) -> FittedState:
+        arrays = {"mu": self.mu_, "sd": self.sd_} if self.mu_ is not None else {}
+        return FittedState(arrays, {"weights_id": self.weights_id, "best_epoch": self.best_epoch,
+                                    "history": self.history})
+
+    def load_extra_state(self, state: FittedState) -> None:
+        self.mu_ = state.arrays["mu"].astype(np.float32) if "mu" in state.arrays else None
+        self.sd_ = state.arrays["sd"].astype(np.float32) if "sd" in state.arrays else None
+        self.weights_id = state.meta["weights_id"]
+        self.best_epoch = state.meta["best_epoch"]
+        self.history = list(state.meta["history"])
+        self._slide_inputs = {}
 
     def summary(self) -> dict:
         cfg = self.config
