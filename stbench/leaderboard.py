@@ -302,6 +302,13 @@ def _cell(row, col: str, digits: int = 3) -> str:
     return text
 
 
+def _published_cell(row: dict, col: str, digits: int = 3) -> str:
+    mean, std = row.get(f"{col}:mean", math.nan), row.get(f"{col}:std", math.nan)
+    if math.isnan(mean):
+        return "-"  # not reported
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
 MISSING_NOTE = ("⚠ marks rows with numbers computed on fewer slides or folds than the method was tested on "
                 "(the metric is undefined there, e.g. fewer than two scored spots); brackets give how many were used.")
 
@@ -324,22 +331,30 @@ def _csv_table(rows: list[dict]) -> str:
 
 
 def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: bool = False,
-           significance: Optional[dict] = None) -> str:
+           significance: Optional[dict] = None, published=None) -> str:
     """The table (rows of :func:`summary_rows`, or the DataFrame of :func:`summarise`) as text.
     ``compact``: the headline columns only (for terminals); files get all. ``significance``:
     ``{"metric": "pcc", "baseline": None}`` adds the paired comparisons of :func:`add_significance`
-    (a second table; columns ``vs_best:*`` / ``vs_baseline:*`` in csv)."""
+    (a second table; columns ``vs_best:*`` / ``vs_baseline:*`` in csv). ``published``: a
+    :class:`stbench.published.Published` whose rows are added after ours, labelled, with the protocol
+    differences under the table."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown leaderboard format {fmt!r} (option --format); choose one of {', '.join(FORMATS)}")
     rows = [dict(r) for r in (table.to_dict("records") if hasattr(table, "to_dict") else table)]
     sig_notes = add_significance(rows, plugins, **significance) if significance else []
+    extra_rows, published_notes = [], []
+    if published is not None:  # after the comparisons: a published row is never the best row
+        from stbench import published as pub
+
+        extra_rows = [{**r, "method": pub.label(published, r["method"])} for r in published.rows]
+        published_notes = pub.protocol_lines(published, meta["protocol"])
     present = set(rows[0]) if rows else set()
     columns = [c for c in (columns or (COMPACT_COLUMNS if compact else DEFAULT_COLUMNS)) if f"{c[0]}:mean" in present]
     header = header_line(meta)
     if fmt == "csv":
         preset = [f"Preset: {meta['protocol']['preset']}."] if meta["protocol"].get("preset") else []
-        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins) + sig_notes)
-        return f"# {header}\n" + notes + _csv_table(rows)
+        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins) + sig_notes + published_notes)
+        return f"# {header}\n" + notes + _csv_table(rows + [{**r, "published": True} for r in extra_rows])
     from tabulate import tabulate
 
     labels = ["method", "folds", "slides"]
@@ -354,11 +369,14 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
         cells += [_cell(row, c) for c, _ in columns]
         cells.append(f"{row.get('pcc_skipped', math.nan):.2f}")
         body.append(cells)
+    for row in extra_rows:
+        body.append([row["method"], "-", "-"] + [_published_cell(row, c) for c, _ in columns] + ["-"])
     notes = settings_lines(meta, plugins)
     if meta["protocol"].get("preset"):
         notes.insert(0, f"Preset: {meta['protocol']['preset']}.")
     if any(r.get("missing", 0) for r in rows):
         notes.append(MISSING_NOTE)
+    notes += published_notes
     sig_labels, sig_body = ["method", "vs best: Δ [95% CI] n p"], []
     if sig_notes:
         keys = ["best"] + (["baseline"] if significance.get("baseline") else [])
