@@ -34,6 +34,8 @@ BUILTIN_PLUGINS = (
     "stbench.builtin",
     "stbench_plugins.synthetic",
     "stbench_plugins.her2",
+    "stbench_plugins.visium",
+    "stbench_plugins.anndata_files",
     "stbench_plugins.mean",
     "stbench_plugins.prompt_knn",
     "stbench_plugins.ridge",
