@@ -14,6 +14,8 @@ from typing import Optional
 from stbench import config as cfg
 
 DEFINITION = "benchmark.yaml"
+#: the ways of choosing a gene panel (keys of ``panel``); a config names one
+PANEL_CHOICES = ("file", "hvg", "hmhvg", "top_expressed")
 
 
 def definitions_dir() -> Path:
@@ -59,9 +61,9 @@ def resolve_config(dataset: Optional[str] = None, config_file: Optional[str] = N
     for source, layer in layers:
         cfg.check_keys(layer, cfg.RunConfig, source)
         panel = layer.get("panel")
-        if isinstance(panel, dict) and len({"file", "hvg", "hmhvg"} & set(panel)) == 1:
+        if isinstance(panel, dict) and len(set(PANEL_CHOICES) & set(panel)) == 1:
             # a panel is a file or a computed gene set: a later layer choosing one replaces the others
-            layer = {**layer, "panel": {"file": None, "hvg": None, "hmhvg": None, **panel}}
+            layer = {**layer, "panel": {**dict.fromkeys(PANEL_CHOICES), **panel}}
         if isinstance(layer.get("caveats"), list) and isinstance(merged.get("caveats"), list):
             # caveats add up: a config file cannot silently drop the benchmark's own
             layer = {**layer, "caveats": list(dict.fromkeys(merged["caveats"] + layer["caveats"]))}

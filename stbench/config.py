@@ -48,6 +48,9 @@ class PanelConfig:
     hvg: Optional[int] = None
     #: instead: HyperST's high-mean high-variance genes (METHODS.md §1.4), on each fold's training sections
     hmhvg: Optional[int] = None
+    #: instead: the genes with the highest total count on each fold's training sections (the PH2ST
+    #: code's "highly expressed" panel, gene_type: mean: the first 785 of its top 1,000 are its top 785)
+    top_expressed: Optional[int] = None
 
 
 @dataclass
@@ -96,6 +99,15 @@ class RunConfig:
     protocol_level: str = "patient"
     panel: PanelConfig = field(default_factory=PanelConfig)
     normalisation: str = "cpm_log1p"
+    #: target smoothing after normalisation: "none", or "grid3x3" (each spot's expression replaced by
+    #: the mean over the spots within ±1 grid row and column, itself included: TRIPLEX / PH2ST code).
+    #: LEAKY: the truth of a test slide is smoothed before prompts are drawn, so prompt values carry
+    #: their non-prompt neighbours' expression; labelled in every table that uses it
+    smoothing: str = "none"
+    #: where model selection (early stopping, checkpoint, penalty) looks: "inner_val" (training
+    #: patients, the default) or "test_fold" (the test slides themselves, as the TRIPLEX / PH2ST code
+    #: does; LEAKY, labelled, for the protocol study only)
+    selection: str = "inner_val"
     prompt: PromptConfig = field(default_factory=PromptConfig)
     metrics: list = field(default_factory=lambda: list(DEFAULT_METRICS))
     seed: int = 0

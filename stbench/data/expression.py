@@ -65,9 +65,37 @@ def normaliser(name: str) -> Callable[[sp.csr_matrix, np.ndarray], np.ndarray]:
     return NORMALISATIONS[name]
 
 
-def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche: bool = False) -> Slide:
+#: target smoothings (RunConfig.smoothing); every one but "none" is labelled leaky in tables
+SMOOTHINGS = ("none", "grid3x3")
+
+
+def check_smoothing(name: str) -> str:
+    if name not in SMOOTHINGS:
+        raise ConfigError(f"unknown smoothing {name!r} (key smoothing); choose one of {', '.join(SMOOTHINGS)}")
+    return name
+
+
+def smooth_grid3x3(expr: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Each spot's expression replaced by the unweighted mean over the spots present within ±1 grid
+    column and row, itself included (at most 9; TRIPLEX / PH2ST code, METHODS.md §1.3)."""
+    grid = np.asarray(grid, dtype=np.int64)
+    where = {(int(x), int(y)): i for i, (x, y) in enumerate(grid)}
+    total = np.zeros_like(expr, dtype=np.float64)
+    count = np.zeros(len(expr), dtype=np.float64)
+    for dx in (-1, 0, 1):
+        for dy in (-1, 0, 1):
+            nb = np.array([where.get((int(x) + dx, int(y) + dy), -1) for x, y in grid], dtype=np.int64)
+            present = nb >= 0
+            total[present] += expr[nb[present]]
+            count[present] += 1
+    return (total / count[:, None]).astype(expr.dtype)
+
+
+def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche: bool = False,
+               smoothing: str = "none") -> Slide:
     """Restrict a section to ``genes`` (in that order) and normalise it. ``niche``: also compute each
-    spot's niche expression profile (:func:`niche_expression`)."""
+    spot's niche expression profile (:func:`niche_expression`). ``smoothing``: "grid3x3" smooths the
+    normalised expression (:func:`smooth_grid3x3`; the niche profiles are left as they are)."""
     position = {g: i for i, g in enumerate(np.asarray(section.genes, dtype=str).tolist())}
     cols = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]
@@ -80,6 +108,8 @@ def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche
     cols = cols.astype(np.int64)
     counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
     expr = normaliser(normalisation)(sp.csr_matrix(counts), cols).astype(np.float32)
+    if check_smoothing(smoothing) == "grid3x3":
+        expr = smooth_grid3x3(expr, section.grid)
     niche_expr, niche_complete = niche_expression(section, cols, normalisation) if niche else (None, None)
     return Slide(
         niche_expr=niche_expr,
@@ -186,6 +216,29 @@ def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int =
         z[sel] = (dispersion[sel] - dispersion[sel].mean()) / sd if sd > 0 else 0.0
     z[mean <= 0] = -np.inf
     order = sorted(range(len(genes)), key=lambda i: (-z[i], genes[i]))
+    return [genes[i] for i in order[:n_top]]
+
+
+def top_expressed_genes(sections: Sequence[Section], n_top: int, candidates: "set[str] | None" = None) -> list[str]:
+    """The ``n_top`` genes with the highest total raw count over the given (training) sections, among
+    the genes measured in all of them (and ``candidates``); ties by name; in that order.
+
+    The PH2ST code's panel (``gene_type: mean``) is the first 785 of its top 1,000 by expression, i.e.
+    its top 785 (METHODS.md §1.4, AMB-3); the code computed it on every section, here it is computed on
+    each fold's training sections, as every computed panel is."""
+    common = set(sections[0].genes)
+    for s in sections[1:]:
+        common &= set(s.genes)
+    if candidates is not None:
+        common &= set(candidates)
+    genes = sorted(str(g) for g in common)
+    if n_top > len(genes):
+        raise ConfigError(f"panel.top_expressed asks for {n_top} genes but only {len(genes)} are measured in every training section")
+    total = np.zeros(len(genes))
+    for s in sections:
+        index = {str(g): i for i, g in enumerate(s.genes)}
+        total += np.asarray(sp.csr_matrix(s.counts)[:, [index[g] for g in genes]].sum(axis=0)).ravel()
+    order = sorted(range(len(genes)), key=lambda i: (-total[i], genes[i]))
     return [genes[i] for i in order[:n_top]]
 
 

@@ -1,0 +1,45 @@
+"""The sources' protocol choices as named options (issue 13's protocol study): 3x3 target smoothing,
+the highly-expressed panel, model selection on the test fold."""
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from stbench.data.expression import check_smoothing, make_slide, smooth_grid3x3, top_expressed_genes
+from stbench.data.model import Section
+from stbench.errors import ConfigError
+
+
+def _section(grid, counts, genes, name="S"):
+    grid = np.asarray(grid)
+    return Section(name=name, patient="P", spot_ids=np.array([f"s{i}" for i in range(len(grid))]), genes=np.array(genes),
+                   counts=sp.csr_matrix(np.asarray(counts)), grid=grid, pixel=grid * 100.0, mpp=1.0)
+
+
+def test_grid3x3_smoothing_is_the_mean_over_present_neighbours_by_hand():
+    # an L of four spots: (0,0) (1,0) (2,0) (0,1); (2,0) and (0,1) are not within ±1 of each other
+    grid = np.array([[0, 0], [1, 0], [2, 0], [0, 1]])
+    expr = np.array([[1.0], [2.0], [4.0], [8.0]])
+    out = smooth_grid3x3(expr, grid)
+    by_hand = [(1 + 2 + 8) / 3, (1 + 2 + 4 + 8) / 4, (2 + 4) / 2, (1 + 2 + 8) / 3]
+    np.testing.assert_allclose(out[:, 0], by_hand)
+
+
+def test_make_slide_smooths_only_when_asked():
+    s = _section([[0, 0], [1, 0], [5, 5]], [[10, 0], [0, 10], [5, 5]], ["A", "B"])
+    plain = make_slide(s, ["A", "B"], "cp10k_panel_log1p")
+    smoothed = make_slide(s, ["A", "B"], "cp10k_panel_log1p", smoothing="grid3x3")
+    np.testing.assert_allclose(smoothed.expr[0], (plain.expr[0] + plain.expr[1]) / 2, rtol=1e-6)
+    np.testing.assert_allclose(smoothed.expr[2], plain.expr[2])  # an isolated spot keeps its value
+    with pytest.raises(ConfigError, match="unknown smoothing 'gauss'"):
+        check_smoothing("gauss")
+
+
+def test_top_expressed_genes_by_total_count_over_the_given_sections():
+    a = _section([[0, 0], [1, 0]], [[5, 1, 0, 9], [5, 1, 2, 0]], ["G1", "G2", "G3", "G4"], "a")
+    b = _section([[0, 0]], [[0, 1, 7, 1]], ["G1", "G2", "G3", "G5"], "b")  # G4 not measured in b
+    # totals over a and b: G1 10, G2 3, G3 9 (G4 and G5 are not in both)
+    assert top_expressed_genes([a, b], 2) == ["G1", "G3"]
+    assert top_expressed_genes([a], 2) == ["G1", "G4"]  # training sections only: b does not count
+    with pytest.raises(ConfigError, match="panel.top_expressed asks for 4 genes but only 3"):
+        top_expressed_genes([a, b], 4)
