@@ -1,10 +1,12 @@
 """Cutting patches from a section's image and encoding them, with an on-disk feature cache.
 
-Each whole-slide image is decoded once per section, for every patch kind still missing from the cache.
-A JPEG is decoded at a reduced scale (libjpeg's DCT scaling, PIL ``draft``) when the encoder's input is
-coarser than the scan, so a 10,000 × 10,000 px image never has to be held at full resolution for a
-64-px encoder; patches are cut and resized one by one and encoded in chunks, so memory stays bounded by
-one decoded image plus one chunk of patches.
+Each section's image is opened once per section, for every patch kind still missing from the cache,
+through a region reader (:mod:`stbench.images.region`) at the coarsest resolution the encoder's input
+still resolves: a pyramidal whole-slide image is read region by region from the right pyramid level
+(OpenSlide), a JPEG decoded at a reduced scale (libjpeg's DCT scaling, PIL ``draft``), so a 10,000 ×
+10,000 px image never has to be held at full resolution for a 64-px encoder. Patches are cut and resized
+one by one and encoded in chunks, so memory stays bounded by one decoded image (none for a whole-slide
+image) plus one chunk of patches.
 
 The cache key holds everything that changes the numbers: dataset, section, the image's fingerprint, the
 spot centres and scale, the patch kind, size in µm and grid, the encoder's name, weights id and input
@@ -24,10 +26,12 @@ from typing import Callable, Optional
 import numpy as np
 
 from stbench import atomic
-from stbench.errors import DataError
 from stbench.data.model import Section
+from stbench.images import region
 from stbench.images.encoder import Encoder
 from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes
+# image_error is imported from here by stbench.data.model (Section.read_image)
+from stbench.images.region import image_error  # noqa: F401
 
 #: bump when extraction changes in a way that changes features
 EXTRACTION_VERSION = 2
@@ -43,94 +47,42 @@ class FeatureSet:
     mask: np.ndarray  # (N, n_sub) bool: True where the (sub-)patch lies (mostly) inside the image
 
 
-def image_error(section: Section, exc: BaseException) -> DataError:
-    """One line for an image that cannot be decoded: the file, the section, PIL's reason and the fix."""
-    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return DataError(f"image {section.image_path} of section {section.name} cannot be decoded ({reason}): the file is "
-                     "truncated or corrupt; download it again, or move it away to run the section without its image")
-
-
-def _reduction(im, mpp: Optional[float], target_mpp: float) -> int:
-    """The JPEG DCT reduction (1, 2, 4 or 8) for an opened, not yet decoded PIL image: the largest one
-    that keeps the decoded pixel at least as fine as ``target_mpp``; 1 for other formats."""
-    if im.format != "JPEG" or not mpp:
-        return 1
-    # reduce by 2, 4 or 8 while the decoded pixel stays at least as fine as the encoder's pixel;
-    # the patch resize then only ever downsamples (PIL's filters are area-aware when shrinking)
-    factor = 1
-    while factor < 8 and mpp * factor * 2 <= target_mpp:
-        factor *= 2
-    return factor
-
-
 def decode_factor(section: Section, target_mpp: float) -> int:
     """How much :func:`_open_image` reduces the section's image for ``target_mpp`` (1: full resolution).
 
     Reads only the file's header, so a caller can group the patch sizes that share one decode.
     """
-    if section.image_path is None:
-        return 1
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide scans exceed PIL's decompression-bomb guard
-    try:
-        with Image.open(section.image_path) as im:
-            return _reduction(im, section.mpp, target_mpp)
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
-        raise image_error(section, exc) from None
+    return region.reduction(section, target_mpp)
 
 
 def _open_image(section: Section, target_mpp: float):
-    """The section's image as PIL, decoded at the coarsest JPEG scale that still resolves ``target_mpp``,
-    and the factor from full-resolution pixels to the decoded image's pixels."""
-    from PIL import Image
+    """A :class:`~stbench.images.region.RegionReader` of the section's image at the coarsest resolution
+    that still resolves ``target_mpp``, and its scale (full-resolution pixels to the reader's pixels)."""
+    reader = region.open_reader(section, target_mpp)
+    return reader, reader.scale
 
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide scans exceed PIL's decompression-bomb guard
-    if section.image_path is None:
-        array = section.read_image()
-        return Image.fromarray(np.ascontiguousarray(array)), 1.0
-    try:
-        with Image.open(section.image_path) as source:  # closed on every path, errors included
-            width = source.size[0]
-            factor = _reduction(source, section.mpp, target_mpp)
-            if factor > 1:
-                source.draft("RGB", (source.size[0] // factor, source.size[1] // factor))
-            im = source.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
-        raise image_error(section, exc) from None
-    return im, im.size[0] / width
+
+def _reader(image, scale: float) -> region.RegionReader:
+    """``image`` as a region reader: readers pass through, a decoded PIL image is wrapped at ``scale``."""
+    return image if isinstance(image, region.RegionReader) else region.DecodedReader(image, scale)
 
 
 def _cut(image, box: np.ndarray, scale: float, out: int) -> np.ndarray:
-    """One patch: the box (full-resolution px) resized to ``out`` px; outside the image is white."""
-    from PIL import Image
-
-    x0, y0, x1, y1 = (float(v) * scale for v in box)
-    w, h = image.size
-    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
-        return np.asarray(image.resize((out, out), Image.BILINEAR, box=(x0, y0, x1, y1)))
-    # a border patch: paste the part inside the image onto a white canvas, then resize
-    ix0, iy0, ix1, iy1 = (int(round(v)) for v in (x0, y0, x1, y1))
-    canvas = Image.new("RGB", (max(1, ix1 - ix0), max(1, iy1 - iy0)), (255, 255, 255))
-    cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, w), min(iy1, h)
-    if cx1 > cx0 and cy1 > cy0:
-        canvas.paste(image.crop((cx0, cy0, cx1, cy1)), (cx0 - ix0, cy0 - iy0))
-    return np.asarray(canvas.resize((out, out), Image.BILINEAR))
+    """One patch: the box (full-resolution px) resized to ``out`` px; outside the image is white.
+    ``image`` is a reader from :func:`_open_image` or a PIL image decoded at ``scale``."""
+    return _reader(image, scale).patch(box, out)
 
 
 def cut_patches(image, boxes: np.ndarray, scale: float, out: int) -> np.ndarray:
     """Patches for (M, 4) boxes in full-resolution px: (M, out, out, 3) uint8, each cut by :func:`_cut`."""
-    patches = np.empty((len(boxes), out, out, 3), dtype=np.uint8)
-    for i, box in enumerate(boxes):
-        patches[i] = _cut(image, box, scale, out)
-    return patches
+    return _reader(image, scale).patches(boxes, out)
 
 
 def layout(section: Section, spec: PatchSpec, image, scale: float, min_inside: float):
     """Where the patches of ``spec`` lie on a decoded image: boxes (N, n_sub, 4) in full-resolution px
     and the mask (N, n_sub), True where at least ``min_inside`` of the box lies inside the image."""
     boxes = patch_boxes(section.pixel, spec, section.mpp, section.spot_pitch_um)  # (N, n_sub, 4)
-    full_w, full_h = image.size[0] / scale, image.size[1] / scale
+    full_w, full_h = _reader(image, scale).full_size
     return boxes, inside_fraction(boxes, full_w, full_h) >= min_inside
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from stbench import atomic
 from stbench.data.model import Section
-from stbench.images.features import _open_image
+from stbench.images.region import read_thumbnail
 from stbench.images.geometry import PatchSpec, patch_boxes
 
 #: longest side of the overview picture in pixels
@@ -19,15 +19,12 @@ OVERVIEW_PX = 2000
 def draw_overview(section: Section, out: Path, spot_um: float = 112.0, grid: int = 5) -> Path:
     """Write ``out`` (PNG): spot centres (black dots), spot patches (green squares) and, for the spot
     nearest the tissue's centre, its ``grid × grid`` neighbour sub-patches (blue)."""
-    from PIL import ImageDraw
+    from PIL import Image, ImageDraw
 
-    # decode coarsely: the picture only needs OVERVIEW_PX pixels on its longest side
-    image, scale = _open_image(section, target_mpp=float("inf"))
-    full_w, full_h = image.size[0] / scale, image.size[1] / scale
-    shrink = min(1.0, OVERVIEW_PX / max(image.size))
-    if shrink < 1.0:
-        image = image.resize((max(1, int(image.size[0] * shrink)), max(1, int(image.size[1] * shrink))))
-    factor = scale * shrink  # full-resolution pixels -> overview pixels
+    # read coarsely: the picture only needs OVERVIEW_PX pixels on its longest side
+    pixels, factor = read_thumbnail(section, OVERVIEW_PX)  # factor: full-resolution pixels -> overview pixels
+    image = Image.fromarray(pixels)
+    full_w, full_h = image.size[0] / factor, image.size[1] / factor
     draw = ImageDraw.Draw(image)
     spots = patch_boxes(section.pixel, PatchSpec("spot", spot_um), section.mpp)[:, 0] * factor
     for x0, y0, x1, y1 in spots:
