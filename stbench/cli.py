@@ -18,7 +18,7 @@ from stbench.errors import StbenchError
 LIST_KINDS = ("methods", "datasets", "splits", "metrics", "prompts", "encoders", "plugins")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stbench", description="Benchmark harness for spatial gene expression from H&E histology.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -62,7 +62,68 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("name")
     check.add_argument("--data-dir")
     check.add_argument("--out", help="folder for the overview PNGs (default runs/qc-NAME)")
+
+    pr = sub.add_parser("predict", help="apply a saved model (stbench run --save-models) to new slides or an H&E image")
+    pr.add_argument("--model", required=True, metavar="MODEL_DIR", help="RUN_DIR/models/<method>/<fold k | all>")
+    pr.add_argument("--dataset", help="predict sections of this dataset (stbench list datasets); counts are optional")
+    pr.add_argument("--data-dir", help="the dataset's folder")
+    pr.add_argument("--slides", help="comma-separated section names (default: every section the model can read)")
+    pr.add_argument("--image", metavar="FILE", help="instead: a plain H&E image; spots are laid over its tissue")
+    pr.add_argument("--mpp", type=float, help="with --image: the image's microns per pixel")
+    pr.add_argument("--lattice", choices=("hex", "square"), help="with --image: spot lattice (default: the model's dataset's)")
+    pr.add_argument("--prompts", metavar="FILE", help="raw counts of some spots, for methods that take prompts (CSV: "
+                    "a 'spot' column [and 'slide'], then one column per gene)")
+    pr.add_argument("--out", required=True, help="folder for <slide>.h5ad, <slide>.png and metrics.csv")
+    pr.add_argument("--genes", help="comma-separated genes for the maps (default: best and worst, or most variable)")
+    pr.add_argument("--encoder-weights", metavar="PATH",
+                    help="the encoder checkpoint the model was trained with (default: the path the run used)")
+    pr.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
+    pr.add_argument("--no-finetune", action="store_true",
+                    help="do not fine-tune on a slide's prompt spots even if the model's run did")
+    pr.add_argument("--no-maps", action="store_true", help="write no PNG maps")
+    pr.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+    # commands whose module builds its own arguments: imported only when the command is used, so
+    # that 'stbench list' never pays for them (stbench.plots imports matplotlib when it draws)
+    plot = sub.add_parser("plot", help="spot maps and PCC distributions of a run's predictions (PNG)")
+    fetch = dsub.add_parser("fetch", help="download a dataset from its public source, with checksums")
+    command = _command(argv)
+    if command == ("plot",):
+        _lazy_arguments(plot, *LAZY[("plot",)][:2])
+    elif command == ("data", "fetch"):
+        _lazy_arguments(fetch, *LAZY[("data", "fetch")][:2])
+    else:  # not this command: accept anything, so its module need not be imported to build the parser
+        for placeholder in (plot, fetch):
+            placeholder.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     return p
+
+
+#: commands implemented in other modules: (module, argument builder, handler), imported on use
+LAZY = {("plot",): ("stbench.plots", "add_plot_arguments", "cmd_plot"),
+        ("data", "fetch"): ("stbench.fetch", "add_fetch_arguments", "cmd_fetch")}
+
+
+def _command(argv: Optional[list[str]]) -> tuple:
+    """The subcommand words of ``argv`` (``("data", "fetch")``, ``("plot",)``), options skipped."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    if words[:1] == ["data"]:
+        return tuple(words[:2])
+    return tuple(words[:1])
+
+
+def _lazy_module(module: str, command: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise StbenchError(f"'stbench {command}' is not available: its module {module} cannot be imported "
+                           f"({str(exc).splitlines()[0]}); reinstall stbench") from None
+
+
+def _lazy_arguments(parser: argparse.ArgumentParser, module: str, builder: str) -> None:
+    command = parser.prog.split(" ", 1)[1] if " " in parser.prog else parser.prog
+    getattr(_lazy_module(module, command), builder)(parser)
 
 
 def _shorthands(args) -> dict:
@@ -186,17 +247,45 @@ def cmd_data_check(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from stbench.plugins import get_plugins
+    from stbench.predict import PredictRequest, predict
+
+    names = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else None  # noqa: E731
+    request = PredictRequest(
+        model=Path(args.model), out=Path(args.out), dataset=args.dataset, data_dir=args.data_dir,
+        slides=names(args.slides), image=Path(args.image) if args.image else None, mpp=args.mpp, lattice=args.lattice,
+        prompts=Path(args.prompts) if args.prompts else None, device=args.device,
+        encoder_weights=args.encoder_weights, finetune=not args.no_finetune, genes=names(args.genes),
+        maps=not args.no_maps)
+    progress = None if args.quiet else (lambda msg: print(f"stbench: {msg}", file=sys.stderr, flush=True))
+    done = predict(request, get_plugins(), progress)
+    for d in done:
+        score = ""
+        if d.row is not None and "pcc" in d.row:
+            score = f", PCC {d.row['pcc']:.3f} on {d.row['n_scored']} non-prompt spots"
+        print(f"{d.name}: {d.n_spots} spots -> {d.path}{score}" + (f"; maps {d.map_path}" if d.map_path else ""))
+    if any(d.row is not None for d in done):
+        print(f"metrics: {Path(args.out) / 'metrics.csv'}")
+    return 0
+
+
 def _formatwarning(message, category, filename, lineno, line=None):
     # one line, no source location: these warnings are addressed to users, not developers
     return f"stbench: warning: {message}\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
     original_format, warnings.formatwarning = warnings.formatwarning, _formatwarning
-    handlers = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "leaderboard": cmd_leaderboard}
+    handlers = {"run": cmd_run, "list": cmd_list, "plugins": cmd_plugins, "leaderboard": cmd_leaderboard,
+                "predict": cmd_predict}
     try:
+        parser = _parser(argv)  # may import a lazy command's module (its arguments), which may fail in one line
+        args = parser.parse_args(argv)
+        command = _command(argv)
+        if command in LAZY:
+            module, _, handler = LAZY[command]
+            return getattr(_lazy_module(module, " ".join(command)), handler)(args)
         if args.command == "data":
             if args.data_command != "check":
                 parser.parse_args(["data", "--help"])

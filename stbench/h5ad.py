@@ -67,6 +67,10 @@ def _dict(parent, name: str, items: Mapping[str, Any]) -> None:
             _attrs(group.create_dataset(key, data=value, dtype=h5py.string_dtype()), "string", "0.2.0")
         elif isinstance(value, (bool, int, float, np.number, np.bool_)):
             _attrs(group.create_dataset(key, data=value), "numeric-scalar", "0.2.0")
+        elif value is None:  # AnnData has no null: leave the key out
+            continue
+        elif np.asarray(value).dtype.kind in "USO":  # e.g. a list of section names
+            _strings(group, key, value)
         else:
             _array(group, key, value)
 
@@ -75,7 +79,8 @@ def write_h5ad(path: Path, X: np.ndarray, obs_index, obs: Mapping[str, Any], var
                layers: Mapping[str, np.ndarray] = (), obsm: Mapping[str, np.ndarray] = (),
                uns: Mapping[str, Any] = (), obs_index_name: str = "_index", var_index_name: str = "_index") -> None:
     """Write an AnnData file: dense ``X`` (n_obs × n_var), ``obs`` columns, ``var`` index, dense
-    ``layers`` and ``obsm``, and ``uns`` (nested dicts of strings and numbers)."""
+    ``layers`` and ``obsm``, and ``uns`` (nested dicts of strings, numbers, and arrays or lists of
+    numbers or strings; None values are left out)."""
     import h5py
 
     X = np.asarray(X)

@@ -100,6 +100,12 @@ class RunDir:
         return slides, folds
 
 
+def csv_text(rows: list[dict], empty_columns: Optional[list[str]] = None) -> str:
+    """Rows as CSV text, written the way results.csv is (columns in first-seen order, NaN empty,
+    absent counts 0)."""
+    return _to_csv(rows, empty_columns)
+
+
 def _cell(value) -> str:
     if value is None:
         return ""

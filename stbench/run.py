@@ -156,15 +156,34 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     plan.needs = needs
     plan.patch_requests = sorted({r for m, c in methods.items() for r in plugins.methods.get(m).patches_for(c)},
                                  key=lambda r: r.name)
-    kinds = sorted({FEATURE_KINDS[n] for m in methods for n in needs[m] if n in FEATURE_KINDS})
-    if kinds:
-        from stbench.images.geometry import PatchSpec
-
+    plan.patch_specs = feature_specs(config.images, set().union(*needs.values()))
+    if plan.patch_specs:
         images = config.images
         plugins.encoders.get(images.encoder, "option --encoder / key images.encoder")
         plan.encoder = plugins.encoders.load(images.encoder)(images.encoder_weights)  # a missing checkpoint fails here
-        plan.patch_specs = [PatchSpec(k, images.spot_um, images.neighbour_grid if k == "neighbour" else 1) for k in kinds]
     return plan
+
+
+def feature_specs(images: cfg.ImageConfig, needs) -> list:
+    """The frozen-feature patches (stbench.images.geometry.PatchSpec) that ``needs`` ask for, one per kind."""
+    kinds = sorted({FEATURE_KINDS[n] for n in needs if n in FEATURE_KINDS})
+    if not kinds:
+        return []
+    from stbench.images.geometry import PatchSpec
+
+    return [PatchSpec(k, images.spot_um, images.neighbour_grid if k == "neighbour" else 1) for k in kinds]
+
+
+def slide_features(sets: dict) -> dict:
+    """A section's feature sets (kind → FeatureSet) as ``Slide.features``: ``neighbour`` (N, 25, d) with
+    its mask, and one (N, d) array per single-patch kind (masked patches are zeros) with its (N,) mask."""
+    prepared = {}
+    for kind, fs in sets.items():
+        if kind == "neighbour":
+            prepared["neighbour"], prepared["neighbour_mask"] = fs.features, fs.mask
+        else:
+            prepared[kind], prepared[f"{kind}_mask"] = fs.features[:, 0], fs.mask[:, 0]
+    return prepared
 
 
 def check_out_dir(out: Path) -> None:
@@ -348,14 +367,7 @@ class SlideStore:
         features = FeatureStore(self.plan.encoder, images.encoder, self.plan.config.dataset, cache_dir(),
                                 min_inside=images.min_inside, progress=progress)
         for info in self.plan.sections:
-            sets = features.get(self.section(info.name), self.plan.patch_specs)
-            prepared = {}
-            for kind, fs in sets.items():
-                if kind == "neighbour":
-                    prepared["neighbour"], prepared["neighbour_mask"] = fs.features, fs.mask
-                else:  # one patch per spot: (N, d), masked patches are zeros
-                    prepared[kind], prepared[f"{kind}_mask"] = fs.features[:, 0], fs.mask[:, 0]
-            self._features[info.name] = prepared
+            self._features[info.name] = slide_features(features.get(self.section(info.name), self.plan.patch_specs))
         self.feature_counts = (features.computed, features.loaded)
 
     def prepare_patches(self, progress: Optional[Callable[[str], None]] = None) -> None:
