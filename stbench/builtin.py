@@ -29,6 +29,13 @@ def split_specs() -> list[SplitSpec]:
     ]
 
 
+def file_split_spec() -> SplitSpec:
+    """``split: file``: folds read from JSON files (not computed, so not seeded)."""
+    s = "stbench.splits:"
+    return SplitSpec("file", s + "file_split", unit="file", params=s + "FileSplitParams",
+                     description="folds read from JSON files (split_params.path), e.g. HyperST's published splits")
+
+
 def metric_specs() -> list[MetricSpec]:
     """The metrics the harness reports (METHODS.md §2; headline = ``pcc``)."""
     m = "stbench.metrics:"
@@ -79,7 +86,7 @@ def prompt_specs() -> list[PromptSpec]:
 
 @hookimpl
 def stbench_register_splits(register):
-    for spec in split_specs():
+    for spec in [*split_specs(), file_split_spec()]:
         register(spec)
 
 

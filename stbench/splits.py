@@ -9,8 +9,11 @@ declares a section- or spot-level protocol.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -132,8 +135,8 @@ def random_slide(sections, seed: int, n_splits: int = 5, test_fraction: float = 
 
     One RNG seeded once, then consecutive shuffles (METHODS.md §1.5), so test sets may overlap across
     splits: this is not a partition. It follows HyperST's recipe but cannot reproduce HyperST's own
-    splits (they came from another RNG and slide list); reading HyperST's published split files needs
-    the HEST reader (a later issue).
+    splits (they came from another RNG and slide list); ``split: file`` reads HyperST's published
+    split files instead (:func:`file_split`).
     """
     names = sorted(s.name for s in sections)
     n = len(names)
@@ -147,6 +150,121 @@ def random_slide(sections, seed: int, n_splits: int = 5, test_fraction: float = 
         order = list(rng.permutation(names))
         test, val, train = order[:n_test], order[n_test : n_test + n_val], order[n_test + n_val :]
         folds.append(Fold(i, tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)), name=f"split {i}"))
+    return folds
+
+
+@dataclass
+class FileSplitParams:
+    #: a JSON split file, or a folder whose ``*.json`` files are read in natural name order; absolute,
+    #: or relative to the benchmark definition's folder (else to the current directory)
+    path: Optional[str] = None
+
+
+#: the keys of one fold: the simple format, and HyperST's published files (``split/<dataset>/flod_5/
+#: sample_split_flod_<k>.json``; its ``patient_flod_5`` files add ``*_patient`` lists, which are not read:
+#: patients come from the dataset, and check_folds applies the benchmark's protocol level to them)
+FOLD_KEYS = {
+    "simple": {"train": "train", "val": "val", "test": "test"},
+    "hyperst": {"train": "train_sample", "val": "val_sample", "test": "test_sample"},
+}
+_IGNORED = {"simple": {"name"}, "hyperst": {"train_patient", "val_patient", "test_patient"}}
+FILE_FORMAT = ('{"folds": [{"name": "...", "train": [ids], "val": [ids], "test": [ids]}, ...]}, one fold '
+               '{"train": [...], "val": [...], "test": [...]}, or HyperST\'s {"train_sample": [...], '
+               '"val_sample": [...], "test_sample": [...]}')
+
+
+def split_file_path(path: Optional[str], base_dir: Optional[Path] = None) -> Path:
+    """Where ``split_params.path`` points: absolute, beside the benchmark definition, or in the
+    current directory (the first that exists)."""
+    if not path:
+        raise ConfigError("split file needs split_params.path: a JSON split file or a folder of them "
+                          "(--set split_params.path=FILE, or split_params: {path: FILE} in the benchmark definition)")
+    given = Path(path).expanduser()
+    candidates = [given] if given.is_absolute() else [*([Path(base_dir) / given] if base_dir else []), Path.cwd() / given]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise ConfigError(f"split file {path} not found (looked at {', '.join(map(str, candidates))}); give split_params.path "
+                      "absolute or relative to the benchmark definition")
+
+
+def _natural(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+def _read_fold_objects(path: Path) -> list[tuple[Path, str, dict]]:
+    """(file, fold name, fold object) for every fold in a split file or a folder of them."""
+    files = sorted(path.glob("*.json"), key=lambda p: _natural(p.name)) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"split file folder {path} holds no *.json file; put one split file per fold there")
+    out = []
+    for file in files:
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"split file {file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                              "fix its syntax") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"split file {file} cannot be read ({e})") from None
+        if isinstance(data, dict) and "folds" in data:
+            extra = sorted(set(data) - {"folds", "description"})
+            if extra or not isinstance(data["folds"], list) or not data["folds"]:
+                problem = f"unknown key(s) {', '.join(extra)}" if extra else "'folds' must be a non-empty list"
+                raise ConfigError(f"split file {file}: {problem}; expected {FILE_FORMAT}")
+            for i, fold in enumerate(data["folds"]):
+                name = fold.get("name") if isinstance(fold, dict) else None
+                out.append((file, str(name) if name else f"{file.stem} fold {i}", fold))
+        else:
+            out.append((file, file.stem, data))
+    return out
+
+
+def _fold_lists(file: Path, name: str, fold) -> dict[str, tuple[str, ...]]:
+    """train, val and test section names of one fold object, checked."""
+    if not isinstance(fold, dict):
+        raise ConfigError(f"split file {file}: fold {name!r} is a {type(fold).__name__}, not an object; expected {FILE_FORMAT}")
+    style = "hyperst" if any(str(k).endswith("_sample") for k in fold) else "simple"
+    keys = FOLD_KEYS[style]
+    unknown = sorted(set(fold) - set(keys.values()) - _IGNORED[style])
+    if unknown:
+        raise ConfigError(f"split file {file}: fold {name!r} has unknown key(s) {', '.join(map(str, unknown))}; "
+                          f"expected {FILE_FORMAT}")
+    lists = {}
+    for role, key in keys.items():
+        values = fold.get(key, [] if role == "val" else None)
+        if values is None:
+            raise ConfigError(f"split file {file}: fold {name!r} has no {key!r} list; expected {FILE_FORMAT}")
+        if not isinstance(values, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool) for v in values):
+            raise ConfigError(f"split file {file}: fold {name!r}: {key!r} must be a list of sample ids")
+        ids = [str(v) for v in values]
+        twice = sorted({v for v in ids if ids.count(v) > 1})
+        if twice:
+            raise ConfigError(f"split file {file}: fold {name!r} lists {', '.join(twice)} twice in {key!r}")
+        lists[role] = tuple(ids)
+    return lists
+
+
+def file_split(sections, seed: int, path: Optional[str] = None, base_dir: Optional[Path] = None) -> list[Fold]:
+    """Folds read from JSON split files (``split: file``), e.g. HyperST's published ones.
+
+    ``path`` is a file (one fold, or ``{"folds": [...]}``) or a folder of files, one or more folds each
+    (see :data:`FILE_FORMAT`). Every id must name a section of the run; the seed is not used. The run
+    then applies :func:`check_folds`, as to computed splits: a patient on both sides is refused unless the
+    benchmark declares ``protocol_level: section``.
+    """
+    source = split_file_path(path, base_dir)
+    known = {s.name for s in sections}
+    folds = []
+    for index, (file, name, fold) in enumerate(_read_fold_objects(source)):
+        lists = _fold_lists(file, name, fold)
+        unknown = [s for role in ("train", "val", "test") for s in lists[role] if s not in known]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise ConfigError(f"split file {file}: fold {name!r} names {len(unknown)} sample id(s) that are not sections "
+                              f"of this run: {shown} (the run has {len(known)}: {', '.join(sorted(known)[:5])}"
+                              f"{' ...' if len(known) > 5 else ''}; sections without an image are left out when a method "
+                              "needs images); fix the ids or the dataset")
+        folds.append(Fold(index, lists["train"], lists["val"], lists["test"], name=name))
     return folds
 
 
