@@ -36,6 +36,7 @@ BUILTIN_PLUGINS = (
     "stbench_plugins.her2",
     "stbench_plugins.visium",
     "stbench_plugins.anndata_files",
+    "stbench_plugins.hest",
     "stbench_plugins.mean",
     "stbench_plugins.prompt_knn",
     "stbench_plugins.ridge",
