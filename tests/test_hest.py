@@ -260,3 +260,54 @@ def test_patients_fall_back_to_the_sample_and_studies_are_kept_apart(copy):
     with pytest.warns(UserWarning, match="own patient"):
         ds = open_hest(copy)
     assert [s.patient for s in ds.sections()] == ["Study A / P1", "Study B / P1", "unnamed study / P2", "S4"]
+
+
+# --- benchmark definitions on HEST-1k -----------------------------------------------------------------
+
+CSCC_PATIENTS = {759: "Patient 10", 760: "Patient 10", 761: "Patient 10", 762: "Patient 9", 763: "Patient 9",
+                 764: "Patient 9", 765: "Patient 5", 766: "Patient 5", 767: "Patient 5", 768: "Patient 2",
+                 769: "Patient 2", 770: "Patient 2"}  # HEST-1k metadata (TRIPLEX input/ST/andrew/ids.csv)
+
+
+def test_benchmark_definitions():
+    from conftest import REPO
+
+    from stbench import benchmark
+    from stbench.data.expression import read_panel_file
+
+    cscc, base = benchmark.resolve_config("cscc_hest")
+    assert cscc.dataset == "hest" and cscc.split == "leave_one_patient_out" and cscc.protocol_level == "patient"
+    assert cscc.dataset_options["ids"] == [f"NCBI{i}" for i in range(759, 771)]
+    panel = read_panel_file(benchmark.panel_path(cscc.panel.file, base))
+    assert len(panel) == 171 and panel[:3] == ["PPP1R12A", "S100P", "IMP4"]
+    shared = REPO.parent / "shared" / "data" / "gene-panels" / "cscc_171.npy"
+    if shared.exists():  # the published file, in its order
+        assert panel == [str(g) for g in np.load(shared, allow_pickle=True)]
+    her2, base2 = benchmark.resolve_config("her2_hest")
+    assert her2.dataset_options["ids"] == [f"SPA{i}" for i in range(119, 155)]
+    her2_own, base3 = benchmark.resolve_config("her2")
+    assert read_panel_file(benchmark.panel_path(her2.panel.file, base2)) == read_panel_file(
+        benchmark.panel_path(her2_own.panel.file, base3))
+    assert (her2.normalisation, her2.prompt, her2.split_params) == (her2_own.normalisation, her2_own.prompt,
+                                                                    her2_own.split_params)
+    HestOptions(**her2.dataset_options)  # the options the definitions set are valid
+
+
+def test_cscc_hest_runs_leave_one_patient_out_on_its_samples(tmp_path):
+    from conftest import REPO
+
+    from stbench.data.expression import read_panel_file
+
+    genes = read_panel_file(REPO / "benchmarks" / "stbench_benchmarks" / "cscc_hest" / "cscc_171.txt") + ["XG1", "XG2"]
+    samples = [f"NCBI{i}" for i in range(759, 771)]
+    root = write_toy_hest(tmp_path / "hest", samples=samples + ["NCBI771"], patients=[CSCC_PATIENTS[i] for i in range(759, 771)]
+                          + ["Patient 1"], genes=genes, image=False, side=4)
+    out = tmp_path / "run"
+    assert main(["run", "--methods", "mean,prompt_knn", "--dataset", "cscc_hest", "--data-dir", str(root),
+                 "--out", str(out), "--quiet"]) == 0
+    split = json.loads((out / "split.json").read_text())
+    assert len(split["folds"]) == 4  # NCBI771, not in the definition, is left out
+    assert {tuple(sorted(f["test"])) for f in split["folds"]} == {
+        tuple(sorted(f"NCBI{i}" for i, p in CSCC_PATIENTS.items() if p == patient))
+        for patient in ("Patient 2", "Patient 5", "Patient 9", "Patient 10")}
+    assert "NCBI771" not in (out / "results.csv").read_text()
