@@ -234,3 +234,18 @@ def test_wrong_mpp_warns(tmp_path):
     manifest.write_text(manifest.read_text().replace(",2.0", ",0.5"))
     with pytest.warns(UserWarning, match="mpp 0.5 of sample 'S1' differs from the 2.0000 µm/px measured"):
         open_anndata(root).load_section("S1")
+
+
+def test_pyramidal_tiff_and_corrupt_images(anndata_dir, capsys):
+    """A whole-slide TIFF is sized through the region readers (OpenSlide); a corrupt image is refused."""
+    from hest_samples import write_pyramid_tiff
+
+    with Image.open(anndata_dir / "wsis" / "S1.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    write_pyramid_tiff(anndata_dir / "wsis" / "S1.tif", pixels, levels=2, mpp=2.0)
+    manifest = anndata_dir / "manifest.csv"
+    manifest.write_text(manifest.read_text().replace("wsis/S1.png", "wsis/S1.tif"))
+    s = open_anndata(anndata_dir).load_section("S1")
+    assert s.image_path.name == "S1.tif" and s.n_spots == 35
+    (anndata_dir / "wsis" / "S2.png").write_bytes(b"not an image")
+    assert "cannot be decoded" in _error(capsys, anndata_dir)

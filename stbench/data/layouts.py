@@ -241,32 +241,24 @@ def grid_from_pixels(dataset: str, path, pixel: np.ndarray, mpp: float, lattice:
 # --- images --------------------------------------------------------------------------------------------
 
 
-def image_size(dataset: str, path: Path) -> tuple[int, int]:
-    """(width, height) of an image, from its header only (PIL; tifffile for TIFFs PIL cannot open)."""
-    from PIL import Image
+def image_size(dataset: str, path: Path, sample: str) -> tuple[int, int]:
+    """(width, height) of a sample's image from its header, through the region readers that later cut
+    its patches (OpenSlide for pyramidal whole-slide images, PIL for the rest): a file they cannot open
+    is refused here, before a run starts."""
+    from types import SimpleNamespace
 
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide images exceed PIL's decompression-bomb guard
+    from stbench.images.region import image_size as region_image_size
+
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, SyntaxError, ValueError) as e:
-        error = e
-    if path.suffix.lower() in (".tif", ".tiff", ".svs", ".btf"):
-        try:
-            import tifffile
-
-            with tifffile.TiffFile(path) as tif:
-                page = tif.pages[0]
-                return int(page.imagewidth), int(page.imagelength)
-        except Exception as e:  # noqa: BLE001 - any failure of the fallback: report PIL's and tifffile's view
-            error = e
-    raise fail(dataset, path, f"cannot read the image ({type(error).__name__}: {error})",
-               "give the full-resolution H&E image as a JPEG, PNG or TIFF file")
+        return region_image_size(SimpleNamespace(image_path=Path(path), name=sample))
+    except DataError as e:
+        raise DataError(f"{dataset}: {e}") from None
 
 
-def check_inside(dataset: str, image: Path, pixel: np.ndarray, spot_ids: np.ndarray, source, fix: str) -> tuple[int, int]:
+def check_inside(dataset: str, sample: str, image: Path, pixel: np.ndarray, spot_ids: np.ndarray, source,
+                 fix: str) -> tuple[int, int]:
     """Refuse spot centres outside the image (a wrong image, or coordinates of a downscaled image)."""
-    width, height = image_size(dataset, image)
+    width, height = image_size(dataset, image, sample)
     pixel = np.asarray(pixel, dtype=np.float64)
     outside = ~((pixel[:, 0] >= 0) & (pixel[:, 0] < width) & (pixel[:, 1] >= 0) & (pixel[:, 1] < height))
     if outside.any():

@@ -150,7 +150,7 @@ class AnnDataDataset(Dataset):
                               f"µm/px measured from its {LATTICE_GEOMETRY[lattice][1]:g} µm spot pitch; check the mpp "
                               "column, and that obsm['spatial'] is in full-resolution pixels", stacklevel=2)
         if image is not None:
-            check_inside(NAME, image, pixel, spot_ids, path,
+            check_inside(NAME, name, image, pixel, spot_ids, path,
                          "obsm['spatial'] must be in pixels of the full-resolution image the manifest names (not of a "
                          "downscaled copy); fix the image column or the coordinates")
         self.qc[name] = {"counts_from": where, "n_merged_symbols": n_merged, "n_out_of_tissue": int((~keep).sum()),

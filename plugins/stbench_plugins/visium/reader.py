@@ -149,7 +149,7 @@ class VisiumDataset(Dataset):
             mpp = measured
         image = files["image"]
         if image is not None:
-            check_inside(NAME, image, pixel, spot_ids, files["positions"],
+            check_inside(NAME, name, image, pixel, spot_ids, files["positions"],
                          "the image must be the full-resolution H&E given to Space Ranger, not tissue_hires_image.png "
                          "or another downscaled copy; fix column image of the manifest")
         in_tissue = positions["in_tissue"] == 1
