@@ -249,3 +249,21 @@ def test_pyramidal_tiff_and_corrupt_images(anndata_dir, capsys):
     assert s.image_path.name == "S1.tif" and s.n_spots == 35
     (anndata_dir / "wsis" / "S2.png").write_bytes(b"not an image")
     assert "cannot be decoded" in _error(capsys, anndata_dir)
+
+
+def test_samples_without_counts_are_listed_for_prediction(anndata_dir):
+    """Spots and an image, no counts (X removed, or no genes at all): has_counts is False, so a run leaves
+    them out and stbench predict predicts them."""
+    _rewrite(anndata_dir / "st" / "S2.h5ad", lambda a: setattr(a, "X", None))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*names are not unique")
+        adata = anndata.read_h5ad(anndata_dir / "st" / "S3.h5ad")
+    empty = anndata.AnnData(obs=adata.obs)
+    empty.obsm["spatial"] = adata.obsm["spatial"]
+    empty.write_h5ad(anndata_dir / "st" / "S3.h5ad")
+    dataset = open_anndata(anndata_dir)
+    assert [(s.name, s.has_counts) for s in dataset.sections()] == [("S1", True), ("S2", False), ("S3", False)]
+    for name in ("S2", "S3"):
+        s = dataset.load_section(name)
+        assert s.counts is None and not s.has_counts and len(s.genes) == 0 and s.n_spots == 35
+        assert s.grid.shape == (35, 2) and dataset.qc[name]["counts_from"] is None

@@ -21,6 +21,9 @@ What each ``.h5ad`` must hold (read with the ``anndata`` library):
   image is refused with a message asking for the array columns;
 * optionally ``obs["in_tissue"]``: only spots with 1 are read (HEST's files hold in-tissue spots only).
 
+A file without counts (no ``X`` and no ``layers["counts"]``, or no genes) is a section of spots and an
+image only (``has_counts`` False): ``stbench run`` leaves it out, ``stbench predict`` predicts it.
+
 When array coordinates are present, the pixel size measured from the spot pitch is compared with the
 manifest's ``mpp``; a warning names a sample where they differ by more than 10 % (a wrong ``mpp``, or
 coordinates of a downscaled image).
@@ -79,8 +82,8 @@ class AnnDataDataset(Dataset):
                              f"fix column image on line {row.line} of {self.manifest} (the full-resolution H&E)")
 
     def sections(self) -> list[SectionInfo]:
-        return [SectionInfo(name=n, patient=r["patient"], has_image=r.path("image") is not None)
-                for n, r in self.rows.items()]
+        return [SectionInfo(name=n, patient=r["patient"], has_image=r.path("image") is not None,
+                            has_counts=_holds_counts(r.path("h5ad"))) for n, r in self.rows.items()]
 
     def _lattice(self, row) -> str:
         lattice = row["lattice"] or DEFAULT_LATTICE
@@ -116,16 +119,18 @@ class AnnDataDataset(Dataset):
             i = int(np.flatnonzero(~np.isfinite(pixel).all(axis=1))[0])
             raise fail(NAME, path, f"obsm['spatial'] has a missing value at spot {str(adata.obs_names[i])!r}", fix)
 
-        where = f"layers['{COUNTS_LAYER}']" if COUNTS_LAYER in adata.layers else "X"
-        matrix = adata.layers[COUNTS_LAYER] if COUNTS_LAYER in adata.layers else adata.X
-        if matrix is None:
-            raise fail(NAME, path, "X is empty and there is no layers['counts']", fix)
-        counts = integer_counts(NAME, path, matrix, where)
         spot_ids = np.asarray(adata.obs_names, dtype=str)
         dup = adata.obs_names.duplicated()
         if dup.any():
             raise fail(NAME, path, f"duplicated spot id(s) {examples(spot_ids[dup])} in obs_names", fix)
-        counts, genes, n_merged = merge_duplicate_genes(counts, np.asarray(adata.var_names, dtype=str))
+        where = f"layers['{COUNTS_LAYER}']" if COUNTS_LAYER in adata.layers else "X"
+        matrix = adata.layers[COUNTS_LAYER] if COUNTS_LAYER in adata.layers else adata.X
+        counts, genes, n_merged = None, np.array([], dtype=str), 0
+        if matrix is not None and adata.n_vars:  # else spots and an image only: predicted, never trained on
+            counts = integer_counts(NAME, path, matrix, where)
+            counts, genes, n_merged = merge_duplicate_genes(counts, np.asarray(adata.var_names, dtype=str))
+        else:
+            where = None
 
         obs = adata.obs
         keep = np.ones(len(spot_ids), dtype=bool)
@@ -139,7 +144,8 @@ class AnnDataDataset(Dataset):
                        "give both array coordinates, or neither (the grid is then derived from the pixel centres)")
         if present:
             grid = np.column_stack([_integers(path, obs, "array_col"), _integers(path, obs, "array_row")])[keep]
-        spot_ids, pixel, counts = spot_ids[keep], pixel[keep], counts[np.flatnonzero(keep)]
+        spot_ids, pixel = spot_ids[keep], pixel[keep]
+        counts = counts[np.flatnonzero(keep)] if counts is not None else None
         measured = None
         if grid is None:
             grid = grid_from_pixels(NAME, path, pixel, mpp, lattice)
@@ -185,6 +191,21 @@ def _read_h5ad(path: Path):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise fail(NAME, path, f"cannot read the .h5ad file ({type(e).__name__}: {reason})",
                    "write it with anndata (AnnData.write_h5ad)") from None
+
+
+def _holds_counts(path: Path) -> bool:
+    """Whether an .h5ad holds counts (X or layers['counts'], over at least one gene), from its HDF5
+    structure alone, so listing stays cheap; an unreadable file is said to hold them (reading it then
+    says what is wrong)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            var = f["var"]
+            n_vars = len(var[var.attrs["_index"]])
+            return ("X" in f or f"layers/{COUNTS_LAYER}" in f) and n_vars > 0
+    except (OSError, KeyError, TypeError, ValueError):
+        return True
 
 
 def _integers(path: Path, obs, column: str) -> np.ndarray:
