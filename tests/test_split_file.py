@@ -13,7 +13,8 @@ from stbench.data.model import SectionInfo
 from stbench.errors import ConfigError
 from stbench.splits import check_folds, file_split
 
-#: HEST kidney ids of HyperST's published split, one patient per slide except NCBI711/NCBI713 (patient 2)
+#: the HEST kidney ids of HyperST's published splits; in this fixture one patient per slide, except that
+#: NCBI711 and NCBI713 share patient 2
 SECTIONS = [SectionInfo(f"NCBI{i}", f"patient{i}") for i in range(692, 711)] + [
     SectionInfo("NCBI711", "patient2"), SectionInfo("NCBI712", "patient12"), SectionInfo("NCBI713", "patient2"),
     SectionInfo("NCBI714", "patient14")]
