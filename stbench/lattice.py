@@ -2,9 +2,11 @@
 
 A pathologist with only a slide has no spots: this module makes them. The tissue is found on a
 thumbnail (longest side :data:`THUMBNAIL_PX`): the saturation of each pixel (HSV S = (max − min) / max of
-R, G, B: stain is coloured, glass and background are grey-white), median-filtered (:data:`SMOOTH_PX`, so
-pale loose tissue between stained nuclei is not lost), is thresholded with Otsu's method; the mask is
-closed, its holes filled and specks smaller than :data:`MIN_REGION` of the tissue removed. A square or hexagonal
+R, G, B: stain is coloured, glass and background are grey-white) is thresholded with Otsu's method, and
+so is its brightness (HSV V = max of R, G, B), because a stain haze on the glass can be as coloured as
+pale tissue but is much brighter. Both are median-filtered first (:data:`SMOOTH_PX`, so pale loose
+tissue between stained nuclei is not lost); tissue is saturated *and* dark; the mask is closed, its
+holes filled and specks smaller than :data:`MIN_REGION` of the tissue removed. A square or hexagonal
 lattice with the model's spot pitch (in µm, converted with the image's µm per pixel) is laid over the
 whole image, and the spots whose disc lies mostly on tissue (:data:`MIN_ON_TISSUE`) are kept.
 
@@ -69,7 +71,9 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):
         between = (total * w0 - m0) ** 2 / (w0 * w1)
     between[~np.isfinite(between)] = -1.0
-    return float(edges[int(np.argmax(between)) + 1])
+    # empty bins between two populations give a plateau of equal maxima: cut in its middle
+    best = np.flatnonzero(np.isclose(between, between.max(), rtol=1e-12, atol=0.0))
+    return float(edges[(best[0] + best[-1]) // 2 + 1])
 
 
 def saturation(rgb: np.ndarray) -> np.ndarray:
@@ -80,12 +84,13 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """(H, W) bool: tissue pixels of a thumbnail (Otsu on the smoothed saturation, closed, holes filled,
-    specks removed)."""
+    """(H, W) bool: tissue pixels of a thumbnail (Otsu on the smoothed saturation and brightness,
+    closed, holes filled, specks removed)."""
     from scipy import ndimage
 
     sat = ndimage.median_filter(saturation(rgb), size=SMOOTH_PX)
-    mask = sat > otsu_threshold(sat)
+    value = ndimage.median_filter(np.asarray(rgb).max(axis=2) / 255.0, size=SMOOTH_PX)
+    mask = (sat > otsu_threshold(sat)) & (value < otsu_threshold(value))
     mask = ndimage.binary_closing(mask, structure=np.ones((CLOSE_PX, CLOSE_PX)))
     mask = ndimage.binary_fill_holes(mask)
     labels, n = ndimage.label(mask)

@@ -251,6 +251,8 @@ def predict(request: PredictRequest, plugins, progress: Optional[Callable[[str],
     images = cfg.build(cfg.ImageConfig, record.get("images") or {}, f"{request.model}: images")
     genes = [str(g) for g in record["genes"]]
     normalisation = record["normalisation"]
+    if request.genes:
+        map_genes(genes, np.zeros((1, len(genes))), None, np.ones(1, bool), request.genes)  # unknown genes: fail now
 
     # the encoder the model's features came from: rebuilt, then compared with the model's record
     encoder, identity = None, None

@@ -12,6 +12,11 @@ Layout of the data directory (``--data-dir DIR`` or ``$STBENCH_DATA/her2st``)::
 
 Sections A1-A6, B1-B6, C1-C6, D1-D6, E1-E3, F1-F3, G1-G3, H1-H3; the patient is the first letter.
 
+A data directory without ``ST-cnts/`` holds sections nothing was measured on (spot files and images
+only, e.g. new slides for ``stbench predict``): its sections are listed from ``ST-spotfiles/`` with
+``has_counts=False`` and load without counts (their selected spot-file rows are their spots); a run
+refuses such a directory. With ``ST-cnts/`` present, a missing count file is an error as before.
+
 Join: the count row "<x>x<y>" matches the spot-file row whose integer array coordinates give the same
 id, ``f"{int(x)}x{int(y)}"``. Every counted spot must have a spot-file row (else DataError). Spot-file
 rows without counts are dropped and counted in ``Her2Dataset.qc[section]["n_spotfile_rows_without_counts"]``;
@@ -93,14 +98,15 @@ def open_her2(data_dir: Optional[Path] = None, options=None) -> "Her2Dataset":
     if not _has_layout(root):
         state = "not found" if not root.is_dir() else "incomplete"
         raise DataError(
-            f"her2 data directory {state}: {', '.join(tried)} (expected ST-cnts/ and ST-spotfiles/ from "
-            f"{SOURCE}); pass --data-dir DIR or set $STBENCH_DATA so that $STBENCH_DATA/{FOLDER} exists"
+            f"her2 data directory {state}: {', '.join(tried)} (expected ST-spotfiles/ and, for measured sections, "
+            f"ST-cnts/ from {SOURCE}); pass --data-dir DIR or set $STBENCH_DATA so that $STBENCH_DATA/{FOLDER} exists"
         )
     return Her2Dataset(root)
 
 
 def _has_layout(root: Path) -> bool:
-    return (root / "ST-cnts").is_dir() and (root / "ST-spotfiles").is_dir()
+    # ST-cnts/ may be missing: sections with spot files and images but no counts (stbench predict)
+    return (root / "ST-spotfiles").is_dir()
 
 
 def _natural(name: str):
@@ -129,13 +135,25 @@ class Her2Dataset(Dataset):
         jpgs = sorted((self.root / "ST-imgs" / name[:1] / name).glob("*.jpg"))
         return jpgs[0] if jpgs else None
 
+    @property
+    def measured(self) -> bool:
+        """False for a directory of spot files and images only (no ST-cnts/)."""
+        return (self.root / "ST-cnts").is_dir()
+
     def sections(self) -> list[SectionInfo]:
         # Listing only: file names, no parsing.
-        names = sorted((p.name[: -len(".tsv.gz")] for p in (self.root / "ST-cnts").glob("*.tsv.gz")), key=_natural)
-        return [SectionInfo(name=n, patient=n[:1], has_image=self.image_path(n) is not None) for n in names]
+        if self.measured:
+            names = sorted((p.name[: -len(".tsv.gz")] for p in (self.root / "ST-cnts").glob("*.tsv.gz")), key=_natural)
+        else:
+            names = sorted((p.name[: -len("_selection.tsv")] for p in (self.root / "ST-spotfiles").glob("*_selection.tsv")),
+                           key=_natural)
+        return [SectionInfo(name=n, patient=n[:1], has_image=self.image_path(n) is not None, has_counts=self.measured)
+                for n in names]
 
     def load_section(self, name: str) -> Section:
         counts_path, spots_path = self.counts_path(name), self.spots_path(name)
+        if not self.measured and spots_path.is_file():
+            return self._load_without_counts(name)
         if not counts_path.is_file():
             known = " ".join(s.name for s in self.sections()) or "none"
             raise _fail(counts_path, f"count file of section {name!r} missing (sections found: {known})",
@@ -169,6 +187,21 @@ class Her2Dataset(Dataset):
             spot_pitch_um=SPOT_PITCH_UM,
             image_path=image,  # looked up afresh: an image may be added after caching
             source_files=tuple(p for p in (counts_path, spots_path, image) if p is not None),
+        )
+
+
+    def _load_without_counts(self, name: str) -> Section:
+        """A section with a spot file but no count file: its selected spot-file rows, no counts."""
+        spots_path = self.spots_path(name)
+        ids, new, pixel, selected = _read_spots(spots_path)
+        s = _px_per_step(new[selected], pixel[selected])
+        grid = np.array([[int(g) for g in _SPOT_ID.match(i).groups()] for i in ids[selected]], dtype=np.int64)
+        image = self.image_path(name)
+        return Section(
+            name=name, patient=name[:1], spot_ids=ids[selected], genes=np.array([], dtype=str), counts=None,
+            grid=grid.reshape(-1, 2), pixel=pixel[selected], mpp=None if s is None else SPOT_PITCH_UM / s,
+            lattice="square", spot_diameter_um=SPOT_DIAMETER_UM, spot_pitch_um=SPOT_PITCH_UM, image_path=image,
+            source_files=tuple(p for p in (spots_path, image) if p is not None),
         )
 
 
