@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from stbench.data.layouts import natural_key
 from stbench.data.model import SectionInfo
 from stbench.errors import ConfigError
 from stbench.specs import SplitSpec, resolve
@@ -188,13 +188,9 @@ def split_file_path(path: Optional[str], base_dir: Optional[Path] = None) -> Pat
                       "absolute or relative to the benchmark definition")
 
 
-def _natural(name: str):
-    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
-
-
 def _read_fold_objects(path: Path) -> list[tuple[Path, str, dict]]:
     """(file, fold name, fold object) for every fold in a split file or a folder of them."""
-    files = sorted(path.glob("*.json"), key=lambda p: _natural(p.name)) if path.is_dir() else [path]
+    files = sorted(path.glob("*.json"), key=lambda p: natural_key(p.name)) if path.is_dir() else [path]
     if not files:
         raise ConfigError(f"split file folder {path} holds no *.json file; put one split file per fold there")
     out = []
