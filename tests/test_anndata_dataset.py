@@ -267,3 +267,9 @@ def test_samples_without_counts_are_listed_for_prediction(anndata_dir):
         s = dataset.load_section(name)
         assert s.counts is None and not s.has_counts and len(s.genes) == 0 and s.n_spots == 35
         assert s.grid.shape == (35, 2) and dataset.qc[name]["counts_from"] is None
+
+
+def test_data_dir_from_the_environment(anndata_dir, monkeypatch):
+    """Without --data-dir: $STBENCH_DATA/anndata, as her2 uses $STBENCH_DATA/her2st."""
+    monkeypatch.setenv("STBENCH_DATA", str(anndata_dir.parent))
+    assert [s.name for s in open_anndata(None).sections()] == ["S1", "S2", "S3"]
