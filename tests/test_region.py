@@ -86,8 +86,8 @@ def test_only_regions_are_read_never_the_whole_slide(pyramid, tmp_path, monkeypa
     read = []
     real = region.SlideReader.__init__
 
-    def spy(self, slide, level):
-        real(self, slide, level)
+    def spy(self, slide, *args):
+        real(self, slide, *args)
         original = slide.read_region
         slide.read_region = lambda loc, lev, size: read.append(size) or original(loc, lev, size)
 
@@ -188,3 +188,45 @@ def test_a_damaged_slide_is_one_line(pyramid, tmp_path):
     with pytest.raises(DataError, match="cannot be decoded") as info:
         PatchStore(tmp_path, "t").get(sec, [PatchRequest("spot", 20, 16)])
     assert "\n" not in str(info.value) and "broken.tif" in str(info.value)
+
+
+def test_neighbour_grids_are_read_as_one_region_each(pyramid, tmp_path, monkeypatch):
+    """The 25 sub-patches of a 5x5 grid share one read, and come out as if cut one by one."""
+    path, levels = pyramid
+    sec = _section([[150, 150], [330, 230], [420, 120]], mpp=0.5, image_path=path)
+    read = []
+    real = region.SlideReader.__init__
+
+    def spy(self, slide, *args):
+        real(self, slide, *args)
+        original = slide.read_region
+        slide.read_region = lambda loc, lev, size: read.append(size) or original(loc, lev, size)
+
+    monkeypatch.setattr(region.SlideReader, "__init__", spy)
+    req = PatchRequest("neighbour", 10, 8)  # 20 px sub-patches, 100 px grids, read at level 1
+    ps = PatchStore(tmp_path / "grouped", "t").get(sec, [req])[req.name]
+    assert 1 <= len(read) <= 3 and ps.mask.all()  # one read per grid at most (close grids may share one)
+    grouped = sum(w * h for w, h in read)
+    read.clear()
+    monkeypatch.setattr(region.SlideReader, "MAX_WASTE", 0.0)  # one read per sub-patch
+    alone = PatchStore(tmp_path / "alone", "t").get(sec, [req])[req.name]
+    assert len(read) == 75 and grouped <= 2 * sum(w * h for w, h in read)  # never twice what separate reads take
+    assert np.abs(np.asarray(ps.patches, dtype=int) - alone.patches).max() <= 1
+    boxes = PatchStore(tmp_path, "t").boxes(sec, req).reshape(-1, 4)
+    one_by_one = region.DecodedReader(Image.fromarray(levels[1]), 0.5).patches(boxes, 8)
+    assert np.abs(np.asarray(ps.patches, dtype=int).reshape(one_by_one.shape) - one_by_one).max() <= 1
+
+
+def test_tiles_missing_from_the_slide_are_white(tmp_path):
+    """A sparse slide (a tile with no data: not scanned) reads as transparent in OpenSlide: shown white."""
+    import tifffile
+
+    path = tmp_path / "sparse.tif"
+    write_pyramid_tiff(path, np.zeros((256, 256, 3), np.uint8), levels=1, tile=64, compression=None)
+    with tifffile.TiffFile(path, mode="r+") as tif:  # drop the first tile's data
+        counts = list(tif.pages[0].tags["TileByteCounts"].value)
+        counts[0] = 0
+        tif.pages[0].tags["TileByteCounts"].overwrite(counts)
+    with region.open_reader(_section([[0, 0]], mpp=1.0, image_path=path), 1.0) as reader:
+        assert (reader.patch([8, 8, 56, 56], 8) == 255).all()  # the missing tile
+        assert (reader.patch([72, 72, 120, 120], 8) == 0).all()  # a scanned one

@@ -117,10 +117,21 @@ class DecodedReader(RegionReader):
 
 
 class SlideReader(RegionReader):
-    """A whole-slide image read through OpenSlide at one pyramid level, region by region."""
+    """A whole-slide image read through OpenSlide at one pyramid level, region by region.
 
-    def __init__(self, slide, level: int):
+    Consecutive boxes that lie close together (the sub-patches of one neighbour grid, the spots of one
+    row) are read as one region, as long as it holds at most twice their pixels, so a slide costs a few
+    reads per spot instead of one per sub-patch.
+    """
+
+    #: a region read at once is at most this many pixels on a side (bounds memory: 4 bytes per pixel)
+    MAX_SIDE = 4096
+    #: boxes share a read while the region holds at most this many times their own pixels
+    MAX_WASTE = 2.0
+
+    def __init__(self, slide, level: int, path=None):
         self.slide = slide
+        self.path = path
         self.level = level
         self.downsample = float(slide.level_downsamples[level])
         # OpenSlide maps level-0 pixels to level pixels by its downsample; so does this reader
@@ -132,33 +143,70 @@ class SlideReader(RegionReader):
         return tuple(float(v) for v in self.slide.dimensions)
 
     def patch(self, box, out: int) -> np.ndarray:
+        return self.patches(np.asarray(box, dtype=np.float64).reshape(1, 4), out)[0]
+
+    def _extent(self, box: np.ndarray, out: int) -> np.ndarray:
+        """The level pixels (x0, y0, x1, y1) that cutting ``box`` (level pixels) reads: the box plus a margin
+        as wide as the bilinear filter's reach, so that the resize sees the same neighbourhood as it would
+        on the whole level; clipped to the level, as a whole image is."""
+        reach = max((box[2] - box[0]) / out, (box[3] - box[1]) / out, 1.0) + 2
+        w, h = self.level_size
+        return np.array([max(math.floor(box[0] - reach), 0), max(math.floor(box[1] - reach), 0),
+                         min(math.ceil(box[2] + reach), w), min(math.ceil(box[3] + reach), h)])
+
+    def patches(self, boxes: np.ndarray, out: int) -> np.ndarray:
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * self.scale  # in level pixels
+        result = np.full((len(boxes), out, out, 3), WHITE[0], dtype=np.uint8)
+        extents = [self._extent(b, out) for b in boxes]
+        start = 0
+        while start < len(boxes):
+            union, area, stop = extents[start].copy(), 0.0, start
+            while stop < len(boxes):  # grow the group while one region stays small and mostly useful
+                e = extents[stop]
+                grown = np.r_[np.minimum(union[:2], e[:2]), np.maximum(union[2:], e[2:])]
+                side = max(grown[2] - grown[0], grown[3] - grown[1])
+                used = area + max(e[2] - e[0], 0) * max(e[3] - e[1], 0)
+                if stop > start and (side > self.MAX_SIDE or (grown[2] - grown[0]) * (grown[3] - grown[1]) > self.MAX_WASTE * used):
+                    break
+                union, area, stop = grown, used, stop + 1
+            self._cut_group(boxes[start:stop], union, out, result[start:stop])
+            start = stop
+        return result
+
+    def _cut_group(self, boxes: np.ndarray, extent: np.ndarray, out: int, result: np.ndarray) -> None:
+        """Read the region ``extent`` (level pixels) once and cut every box of the group from it."""
         from PIL import Image
 
-        x0, y0, x1, y1 = (float(v) * self.scale for v in box)  # in level pixels
-        # read the box plus a margin as wide as the bilinear filter's reach, so that the resize sees the
-        # same neighbourhood as it would on the whole level; clipped to the level, as a whole image is
-        reach = max((x1 - x0) / out, (y1 - y0) / out, 1.0) + 2
-        w, h = self.level_size
-        rx0, ry0 = max(math.floor(x0 - reach), 0), max(math.floor(y0 - reach), 0)
-        rx1, ry1 = min(math.ceil(x1 + reach), w), min(math.ceil(y1 + reach), h)
-        if rx1 <= rx0 or ry1 <= ry0:  # wholly outside the image
-            return np.full((out, out, 3), WHITE[0], dtype=np.uint8)
+        rx0, ry0, rx1, ry1 = (int(v) for v in extent)
+        if rx1 <= rx0 or ry1 <= ry0:  # wholly outside the image: stays white
+            return
         # OpenSlide takes the origin in level-0 pixels; its level origin is origin / downsample (a
-        # fraction of a pixel off rx0 when the downsample is not a whole number), so the box is placed
-        # relative to where the region really starts
+        # fraction of a pixel off rx0 when the downsample is not a whole number), so the boxes are
+        # placed relative to where the region really starts
         origin = (int(round(rx0 * self.downsample)), int(round(ry0 * self.downsample)))
         ox, oy = origin[0] / self.downsample, origin[1] / self.downsample
-        rgba = self.slide.read_region(origin, self.level, (rx1 - rx0, ry1 - ry0))
+        try:
+            rgba = self.slide.read_region(origin, self.level, (rx1 - rx0, ry1 - ry0))
+        except Exception as exc:  # OpenSlideError on a damaged tile
+            raise DataError(f"whole-slide image {self.path}: cannot read a region ({exc}); "
+                            "the file is truncated or corrupt: download it again") from None
         region = Image.new("RGBA", rgba.size, WHITE + (255,))
-        region.alpha_composite(rgba)  # transparent (outside the scanned area) -> white
+        region.alpha_composite(rgba)  # transparent (not scanned, or outside the slide) -> white
         region = region.convert("RGB")
-        if x0 >= ox and y0 >= oy and x1 <= ox + region.size[0] and y1 <= oy + region.size[1]:
-            return np.asarray(region.resize((out, out), Image.BILINEAR, box=(x0 - ox, y0 - oy, x1 - ox, y1 - oy)))
-        # a border patch: the region on a white canvas the size of the box, then resized
-        ix0, iy0 = int(round(x0 - ox)), int(round(y0 - oy))
-        canvas = Image.new("RGB", (max(1, int(round(x1 - x0))), max(1, int(round(y1 - y0)))), WHITE)
-        canvas.paste(region, (-ix0, -iy0))
-        return np.asarray(canvas.resize((out, out), Image.BILINEAR))
+        rw, rh = region.size
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            x0, y0, x1, y1 = x0 - ox, y0 - oy, x1 - ox, y1 - oy  # in the region's pixels
+            if x0 >= 0 and y0 >= 0 and x1 <= rw and y1 <= rh:
+                result[i] = np.asarray(region.resize((out, out), Image.BILINEAR, box=(x0, y0, x1, y1)))
+                continue
+            # a border patch: the part inside the image on a white canvas the size of the box, resized
+            ix0, iy0 = int(round(x0)), int(round(y0))
+            canvas = Image.new("RGB", (max(1, int(round(x1 - x0))), max(1, int(round(y1 - y0)))), WHITE)
+            cx0, cy0 = max(ix0, 0), max(iy0, 0)
+            cx1, cy1 = min(ix0 + canvas.size[0], rw), min(iy0 + canvas.size[1], rh)
+            if cx1 > cx0 and cy1 > cy0:
+                canvas.paste(region.crop((cx0, cy0, cx1, cy1)), (cx0 - ix0, cy0 - iy0))
+            result[i] = np.asarray(canvas.resize((out, out), Image.BILINEAR))
 
     def close(self) -> None:
         self.slide.close()
@@ -247,7 +295,7 @@ def open_reader(section, target_mpp: float) -> RegionReader:
         return DecodedReader(Image.fromarray(np.ascontiguousarray(section.read_image())), 1.0)
     if _slide_format(section.image_path):
         slide = _open_slide(section)
-        return SlideReader(slide, _level_for(slide, section.mpp, target_mpp))
+        return SlideReader(slide, _level_for(slide, section.mpp, target_mpp), section.image_path)
     try:
         with _open_pil(section) as source:  # closed on every path, errors included
             width = source.size[0]
