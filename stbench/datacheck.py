@@ -49,12 +49,13 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
         if progress:
             progress(f"section {info.name} ({i}/{len(infos)})" + (", drawing its overview" if info.has_image else ""))
         s = load_checked(dataset, info.name)
-        library = np.asarray(s.counts.sum(axis=1)).ravel()
+        has_counts = s.counts is not None  # an image to predict, without measured expression
+        library = np.asarray(s.counts.sum(axis=1)).ravel() if has_counts else np.ones(s.n_spots)
         qc = getattr(dataset, "qc", {}).get(info.name, {})
         without = qc.get("n_spotfile_rows_without_counts", 0)
         constant = "-"
         missing = "-"
-        if panel is not None:
+        if panel is not None and has_counts:
             index = {g: i for i, g in enumerate(s.genes)}
             present = [index[g] for g in panel if g in index]
             missing = str(len(panel) - len(present))
@@ -71,7 +72,8 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
         totals["without_counts"] += without
         rows.append([
             info.name, info.patient, s.n_spots, len(s.genes), "yes" if s.has_image else "no",
-            f"{s.mpp:.3f}" if s.mpp else "-", without, int((library == 0).sum()), constant, missing,
+            f"{s.mpp:.3f}" if s.mpp else "-", without, int((library == 0).sum()) if has_counts else "no counts",
+            constant, missing,
         ])
     headers = ["section", "patient", "spots", "genes", "image", "µm/px", "spot rows w/o counts",
                "zero-count spots", f"constant genes ({panel_name})", "panel genes missing"]

@@ -61,3 +61,18 @@ def test_a_run_refuses_a_duplicated_grid_cell_in_one_line(tmp_path, monkeypatch,
     assert code == 2
     assert "grid cell(s) hold more than one spot" in err and "section" in err
     assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_data_check_lists_a_section_without_counts(tmp_path, monkeypatch, capsys):
+    from stbench_plugins.synthetic import generate
+
+    original = generate.SyntheticDataset.load_section
+
+    def without_counts(self, name):
+        s = original(self, name)
+        return dataclasses.replace(s, counts=None) if name == "P1S1" else s
+
+    monkeypatch.setattr(generate.SyntheticDataset, "load_section", without_counts)
+    assert main(["data", "check", "synthetic", "--out", str(tmp_path / "qc")]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("P1S1"))
+    assert "no counts" in line
