@@ -244,10 +244,30 @@ def test_pixel_size(copy):
     _meta(copy, "S1", pixel_size_um_estimated=2.0, pixel_size_um_embedded=2.5)
     with pytest.warns(UserWarning, match="disagree by 25%"):
         assert open_hest(copy).load_section("S1").mpp == 2.0  # HEST's own choice: estimated
-    with pytest.warns(UserWarning, match="disagree"):
+    with pytest.warns(UserWarning) as record:  # and 2.5 is not what the spot pitch says either
         assert open_hest(copy, HestOptions(pixel_size_key="pixel_size_um_embedded")).load_section("S1").mpp == 2.5
+    assert ["disagree by 25%" in str(w.message) for w in record] == [True, False]
+    assert "measured from its 200 µm spot pitch" in str(record[1].message)
     with pytest.raises(DataError, match="no positive my_mpp"):
         open_hest(copy, HestOptions(pixel_size_key="my_mpp")).load_section("S1")
+    # a pixel size that the spots' own 200 µm pitch contradicts (S1's spots are 100 px apart at 2 µm/px)
+    _meta(copy, "S1", pixel_size_um_estimated=1.5, pixel_size_um_embedded=None)
+    with pytest.warns(UserWarning, match=r"differs from the 2 µm/px measured from its 200 µm spot pitch"):
+        ds = open_hest(copy)
+        assert ds.load_section("S1").mpp == 1.5
+    assert ds.qc["S1"]["mpp_measured"] == pytest.approx(2.0)
+
+
+def test_duplicated_gene_symbols_are_summed(copy):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*names are not unique")
+        _rewrite_st(copy, "S1", genes=["G1", "G2", "G1", "G4", "G5"])
+    ds = open_hest(copy)
+    sec, before = ds.load_section("S1"), open_hest(copy).load_section("S2")
+    assert sec.genes.tolist() == ["G1", "G2", "G4", "G5"] and ds.qc["S1"]["n_merged_symbols"] == 1
+    assert sec.counts.shape == (36, 4) and before.counts.shape == (36, 5)
 
 
 def test_patients_fall_back_to_the_sample_and_studies_are_kept_apart(copy):

@@ -34,7 +34,8 @@ from typing import Optional
 
 import numpy as np
 
-from stbench.data.layouts import LATTICE_GEOMETRY, examples, fail, integer_counts, merge_duplicate_genes, natural_key
+from stbench.data.layouts import (LATTICE_GEOMETRY, examples, fail, integer_counts, merge_duplicate_genes,
+                                  mpp_from_lattice, natural_key)
 from stbench.data.model import Dataset, Section, SectionInfo
 from stbench.errors import DataError
 from stbench.paths import DATA_ENV, default_data_dir
@@ -51,7 +52,8 @@ ARRAY_COLUMNS = ("array_row", "array_col")
 PIXEL_COLUMNS = ("pxl_col_in_fullres", "pxl_row_in_fullres")  # x, y
 #: image files tried for wsis/<id>, in order (HEST ships .tif)
 IMAGE_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".btf", ".jpg", ".jpeg", ".png")
-#: embedded and estimated pixel sizes further apart than this are reported (HEST issues #106, #123)
+#: pixel sizes further apart than this are reported: embedded vs estimated, and the one used vs the one
+#: measured from the spot pitch (HEST issues #106, #123: the pixel size depends on where it is read)
 PIXEL_SIZE_DISAGREEMENT = 0.10
 
 
@@ -239,7 +241,14 @@ class HestDataset(Dataset):
         )
         if image is not None:
             _check_inside(section, path)
+        measured = mpp_from_lattice(section.grid, section.pixel, lattice)
+        if measured is not None and abs(measured / mpp - 1) > PIXEL_SIZE_DISAGREEMENT:
+            warnings.warn(f"{NAME}: sample {name!r}: the pixel size {mpp:.4g} µm/px of {self.metadata_path(name).name} "
+                          f"differs from the {measured:.4g} µm/px measured from its {pitch:g} µm spot pitch; check "
+                          "the metadata (dataset_options.pixel_size_key) and the overview picture of stbench data check",
+                          stacklevel=2)
         self.qc[name] = {"n_out_of_tissue": spots["n_out_of_tissue"], "n_merged_symbols": spots["n_merged"],
+                         "mpp_measured": measured,
                          **{k: self.metadata[name][k] for k in PIXEL_SIZE_KEYS if k in self.metadata[name]}}
         return section
 
@@ -272,7 +281,10 @@ def read_st(path: Path) -> dict:
 
     fix = f"use the st/<id>.h5ad of the HEST sample ({SOURCE}): raw counts in X, spot positions in obs"
     try:
-        adata = anndata.read_h5ad(path)
+        with warnings.catch_warnings():
+            # duplicated gene symbols are summed below, so anndata's advice to rename them is moot
+            warnings.filterwarnings("ignore", message=".*names are not unique", category=UserWarning)
+            adata = anndata.read_h5ad(path)
     except Exception as e:  # noqa: BLE001 - h5py, anndata and pandas raise many types for a damaged file
         raise fail(NAME, path, f"cannot read the .h5ad ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                    fix) from None
