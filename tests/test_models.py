@@ -262,3 +262,22 @@ def test_save_models_with_a_method_that_cannot_save_is_one_line(tmp_path, capsys
         _plan(["mean", "unsaveable"], tmp_path / "r", plugins=plugins)
     assert str(excinfo.value).startswith("method unsaveable cannot save its fitted state")
     assert "\n" not in str(excinfo.value)
+
+
+def test_predict_fine_tunes_a_saved_model_as_the_run_did(tmp_path, one_torch_thread):
+    # a run with --finetune saves each fold's model before fine-tuning; predict fine-tunes a copy on the
+    # slide's prompts with the run's settings (and the method's saved random state): the run's predictions
+    out = tmp_path / "run"
+    plan = _plan(["stnet"], out, sets=["finetune.enabled=true"])
+    execute(plan, verbose=False)
+    test = list(plan.folds[0].test)
+    done = predict(PredictRequest(model=models.model_dir(out, "stnet", "fold0"), out=tmp_path / "p", dataset="synthetic",
+                                  slides=test, maps=False), load_plugins(entry_points=False))
+    untuned = predict(PredictRequest(model=models.model_dir(out, "stnet", "fold0"), out=tmp_path / "q",
+                                     dataset="synthetic", slides=test, maps=False, finetune=False),
+                      load_plugins(entry_points=False))
+    for d, u in zip(done, untuned):
+        ran = anndata.read_h5ad(out / "predictions" / "stnet" / f"{d.name}.h5ad").X
+        assert d.finetuned and not u.finetuned
+        assert np.array_equal(anndata.read_h5ad(d.path).X, ran)
+        assert not np.array_equal(anndata.read_h5ad(u.path).X, ran)
