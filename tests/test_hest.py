@@ -331,3 +331,22 @@ def test_cscc_hest_runs_leave_one_patient_out_on_its_samples(tmp_path):
         tuple(sorted(f"NCBI{i}" for i, p in CSCC_PATIENTS.items() if p == patient))
         for patient in ("Patient 2", "Patient 5", "Patient 9", "Patient 10")}
     assert "NCBI771" not in (out / "results.csv").read_text()
+
+
+def test_a_transposed_square_grid_is_oriented_to_the_image(copy):
+    """HEST's her2st samples have array_row from the spot name's x (align_her2): swapped back."""
+    import anndata
+
+    before = open_hest(copy).load_section("S1")
+    adata = anndata.read_h5ad(copy / "st" / "S1.h5ad")
+    grid = np.column_stack([adata.obs["array_row"], adata.obs["array_col"]])  # (y, x): the transpose
+    _rewrite_st(copy, "S1", grid=grid)
+    ds = open_hest(copy)
+    np.testing.assert_array_equal(ds.load_section("S1").grid, before.grid)
+    ds.load_section("S2")
+    assert ds.qc["S1"]["grid_transposed"] is True and ds.qc["S2"]["grid_transposed"] is False
+    # a hexagonal (Visium) grid is never swapped: its doubled columns would break
+    root = write_toy_hest(copy.parent / "visium", samples=("V1",), patients=("P1",), technology="Visium", mpp=1.0)
+    ds = open_hest(root)
+    ds.load_section("V1")
+    assert ds.qc["V1"]["grid_transposed"] is False

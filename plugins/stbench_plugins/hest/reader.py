@@ -18,6 +18,12 @@ Xenium and any other technology are refused by name, before anything runs. Grid 
 array_row) (Visium's doubled column numbering is stbench's hex convention); pixel = (pxl_col_in_fullres,
 pxl_row_in_fullres).
 
+On the square lattice the grid is oriented to the image: HEST built its her2st samples with
+``array_row`` from the spot name's x and ``array_col`` from its y (mahmoodlab/HEST custom_readers
+``align_her2``), the transpose of Visium's convention, so when the array axes run across the image's
+(fitted from the spots), the two columns are swapped back and ``qc[sample]["grid_transposed"]`` says so.
+Spot ids are the ``obs_names``.
+
 Patients come from the metadata's ``patient``; a sample without one is its own patient (a warning
 says so). HEST numbers patients per study ("Patient 1" exists in many), so when the selected samples
 come from several studies (``dataset_title``) each patient is named "<dataset_title> / <patient>":
@@ -222,6 +228,9 @@ class HestDataset(Dataset):
         path, lattice = self.st_path(name), self.lattices[name]
         mpp = self.pixel_size(name)
         spots = read_st(path)
+        transposed = lattice == "square" and _axes_crossed(spots["grid"], spots["pixel"])
+        if transposed:
+            spots["grid"] = spots["grid"][:, ::-1].copy()
         image = self.image_path(name)
         diameter, pitch = LATTICE_GEOMETRY[lattice]
         section = Section(
@@ -248,7 +257,7 @@ class HestDataset(Dataset):
                           "the metadata (dataset_options.pixel_size_key) and the overview picture of stbench data check",
                           stacklevel=2)
         self.qc[name] = {"n_out_of_tissue": spots["n_out_of_tissue"], "n_merged_symbols": spots["n_merged"],
-                         "mpp_measured": measured,
+                         "mpp_measured": measured, "grid_transposed": bool(transposed),
                          **{k: self.metadata[name][k] for k in PIXEL_SIZE_KEYS if k in self.metadata[name]}}
         return section
 
@@ -257,6 +266,20 @@ def _matches(value, wanted) -> bool:
     """A metadata value equals the wanted value, or one of a list of them, as case-insensitive text."""
     options = wanted if isinstance(wanted, list) else [wanted]
     return _text(value).lower() in {_text(w).lower() for w in options}
+
+
+def _axes_crossed(grid: np.ndarray, pixel: np.ndarray) -> bool:
+    """True when the array's first axis runs along the image's y and its second along x (an affine fit
+    of pixel centres on array positions); False when they follow the image or the spots are too few."""
+    if len(grid) < 3:
+        return False
+    design = np.column_stack([grid.astype(np.float64), np.ones(len(grid))])
+    coef, _, rank, _ = np.linalg.lstsq(design, pixel, rcond=None)
+    if rank < 3:
+        return False
+    along = abs(coef[0, 0]) + abs(coef[1, 1])  # d pixel_x / d grid_x and d pixel_y / d grid_y
+    across = abs(coef[0, 1]) + abs(coef[1, 0])
+    return bool(across > along)
 
 
 def _check_inside(section: Section, st_path: Path) -> None:
