@@ -198,6 +198,15 @@ def test_a_missing_obs_column(copy, column):
     _one_line(info, "S2.h5ad", "missing obs column(s)", column)
 
 
+def test_without_array_columns_the_grid_comes_from_the_centres(copy):
+    before = open_hest(copy).load_section("S3")
+    _rewrite_st(copy, "S3", drop_obs=("array_row", "array_col"))
+    ds = open_hest(copy)
+    sec = ds.load_section("S3")
+    np.testing.assert_array_equal(sec.grid - sec.grid.min(0), before.grid - before.grid.min(0))
+    assert ds.qc["S3"]["grid_derived"] is True
+
+
 def test_obs_values_are_checked(copy):
     _rewrite_st(copy, "S1", obs_extra={"array_row": np.r_[np.full(35, 3.0), 3.5]})
     with pytest.raises(DataError) as info:

@@ -3,9 +3,11 @@
 Layout of the data directory (``--data-dir DIR`` or ``$STBENCH_DATA/hest``), as HEST-1k is downloaded
 from huggingface.co/datasets/MahmoodLab/hest::
 
-    st/<id>.h5ad          AnnData: raw counts in X (spots x genes), obs columns array_row, array_col,
-                          pxl_col_in_fullres, pxl_row_in_fullres (spot centre in full-resolution pixels;
-                          obsm["spatial"] = (x, y) when the two pxl columns are absent), optional in_tissue
+    st/<id>.h5ad          AnnData: raw counts in X (spots x genes), obs columns pxl_col_in_fullres,
+                          pxl_row_in_fullres (spot centre in full-resolution pixels; obsm["spatial"] =
+                          (x, y) when the two are absent), array_row, array_col (the grid; without both,
+                          it is derived from the centres, the lattice's pitch and the pixel size), and
+                          optionally in_tissue (only spots with 1 are read)
     wsis/<id>.tif         the full-resolution H&E, a pyramidal TIFF (read region by region through
                           OpenSlide); optional: a sample without it has no image
     metadata/<id>.json    pixel_size_um_estimated / pixel_size_um_embedded (µm per full-resolution
@@ -40,8 +42,8 @@ from typing import Optional
 
 import numpy as np
 
-from stbench.data.layouts import (LATTICE_GEOMETRY, examples, fail, integer_counts, merge_duplicate_genes,
-                                  mpp_from_lattice, natural_key)
+from stbench.data.layouts import (LATTICE_GEOMETRY, examples, fail, grid_from_pixels, integer_counts,
+                                  merge_duplicate_genes, mpp_from_lattice, natural_key)
 from stbench.data.model import Dataset, Section, SectionInfo
 from stbench.errors import DataError
 from stbench.paths import DATA_ENV, default_data_dir
@@ -228,6 +230,9 @@ class HestDataset(Dataset):
         path, lattice = self.st_path(name), self.lattices[name]
         mpp = self.pixel_size(name)
         spots = read_st(path)
+        derived = spots["grid"] is None
+        if derived:  # no array columns: the lattice positions from the centres, the pitch and the scale
+            spots["grid"] = grid_from_pixels(NAME, path, spots["pixel"], mpp, lattice)
         transposed = lattice == "square" and _axes_crossed(spots["grid"], spots["pixel"])
         if transposed:
             spots["grid"] = spots["grid"][:, ::-1].copy()
@@ -250,14 +255,15 @@ class HestDataset(Dataset):
         )
         if image is not None:
             _check_inside(section, path)
-        measured = mpp_from_lattice(section.grid, section.pixel, lattice)
-        if measured is not None and abs(measured / mpp - 1) > PIXEL_SIZE_DISAGREEMENT:
+        measured = mpp_from_lattice(section.grid, section.pixel, lattice)  # circular when the grid is derived
+        if not derived and measured is not None and abs(measured / mpp - 1) > PIXEL_SIZE_DISAGREEMENT:
             warnings.warn(f"{NAME}: sample {name!r}: the pixel size {mpp:.4g} µm/px of {self.metadata_path(name).name} "
                           f"differs from the {measured:.4g} µm/px measured from its {pitch:g} µm spot pitch; check "
                           "the metadata (dataset_options.pixel_size_key) and the overview picture of stbench data check",
                           stacklevel=2)
         self.qc[name] = {"n_out_of_tissue": spots["n_out_of_tissue"], "n_merged_symbols": spots["n_merged"],
-                         "mpp_measured": measured, "grid_transposed": bool(transposed),
+                         "mpp_measured": None if derived else measured, "grid_derived": derived,
+                         "grid_transposed": bool(transposed),
                          **{k: self.metadata[name][k] for k in PIXEL_SIZE_KEYS if k in self.metadata[name]}}
         return section
 
@@ -298,8 +304,9 @@ def _check_inside(section: Section, st_path: Path) -> None:
 
 
 def read_st(path: Path) -> dict:
-    """Spot ids, genes, integer CSR counts, grid (x = array_col, y = array_row) and pixel (x, y) of the
-    in-tissue spots of one HEST ``.h5ad``, each checked; plus the counts of spots dropped and symbols merged."""
+    """Spot ids, genes, integer CSR counts, grid (x = array_col, y = array_row; None without array
+    columns) and pixel (x, y) of the in-tissue spots of one HEST ``.h5ad``, each checked; plus the counts
+    of spots dropped and symbols merged."""
     import anndata
 
     fix = f"use the st/<id>.h5ad of the HEST sample ({SOURCE}): raw counts in X, spot positions in obs"
@@ -312,22 +319,23 @@ def read_st(path: Path) -> dict:
         raise fail(NAME, path, f"cannot read the .h5ad ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
                    fix) from None
     obs = adata.obs
-    missing = [c for c in ARRAY_COLUMNS if c not in obs.columns]
+    array = [c for c in ARRAY_COLUMNS if c in obs.columns]  # neither: derived from the pixels by the caller
+    missing = [c for c in ARRAY_COLUMNS if c not in obs.columns] if array else []
     has_pixels = all(c in obs.columns for c in PIXEL_COLUMNS)
     if not has_pixels and "spatial" not in adata.obsm:
         missing += list(PIXEL_COLUMNS)
     if missing:
         found = ", ".join(map(str, obs.columns[:12])) or "none"
         raise fail(NAME, path, f"missing obs column(s) {', '.join(missing)} (found {found})",
-                   "obs needs array_row, array_col (the spot's array position) and pxl_col_in_fullres, "
-                   "pxl_row_in_fullres (its centre in full-resolution pixels), as HEST writes them")
+                   "obs needs pxl_col_in_fullres, pxl_row_in_fullres (the spot's centre in full-resolution pixels) "
+                   "and array_row, array_col (its array position; both, or neither), as HEST writes them")
     if has_pixels:
-        columns = {c: obs[c] for c in ARRAY_COLUMNS + PIXEL_COLUMNS}
+        columns = {c: obs[c] for c in array + list(PIXEL_COLUMNS)}
     else:  # HEST also keeps the centres as obsm["spatial"] = (x, y)
         spatial = np.asarray(adata.obsm["spatial"], dtype=np.float64)
         if spatial.ndim != 2 or spatial.shape[1] < 2:
             raise fail(NAME, path, f"obsm['spatial'] has shape {spatial.shape}, expected (spots, 2)", fix)
-        columns = {**{c: obs[c] for c in ARRAY_COLUMNS}, PIXEL_COLUMNS[0]: spatial[:, 0], PIXEL_COLUMNS[1]: spatial[:, 1]}
+        columns = {**{c: obs[c] for c in array}, PIXEL_COLUMNS[0]: spatial[:, 0], PIXEL_COLUMNS[1]: spatial[:, 1]}
     values = {}
     spot_ids = np.asarray(adata.obs_names, dtype=str)
     for column, raw in columns.items():
@@ -355,7 +363,7 @@ def read_st(path: Path) -> dict:
         "spot_ids": spot_ids[rows],
         "genes": genes,
         "counts": counts[rows],
-        "grid": np.column_stack([values["array_col"], values["array_row"]])[rows].astype(np.int64),
+        "grid": np.column_stack([values["array_col"], values["array_row"]])[rows].astype(np.int64) if array else None,
         "pixel": np.column_stack([values[PIXEL_COLUMNS[0]], values[PIXEL_COLUMNS[1]]])[rows],
         "n_out_of_tissue": int((~keep).sum()),
         "n_merged": merged,
