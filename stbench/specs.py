@@ -118,6 +118,9 @@ class DatasetSpec:
         options: a dataclass type of dataset options (``--set dataset_options.FIELD=VALUE``), or None.
         needs_data_dir: False for datasets generated in code.
         data_env: the environment variable that points at the data, for the error message.
+        source: where ``stbench data fetch NAME`` downloads the data from: a
+            :class:`stbench.fetch.HttpSource` or :class:`stbench.fetch.HuggingFaceSource`, or a lazy
+            ``"module:attribute"`` naming one; None when the dataset cannot be fetched.
     """
 
     name: str
@@ -126,6 +129,7 @@ class DatasetSpec:
     needs_data_dir: bool = True
     description: str = ""
     reference: str = ""
+    source: Optional[Factory] = None
 
 
 @dataclass(frozen=True)
