@@ -66,6 +66,7 @@ def test_her2st_section_reads_the_same_through_the_her2_hest_and_anndata_readers
         per_patch = diff.reshape(len(diff), -1).mean(axis=1)
         if level == 1:  # the same pixels: only PIL's rounding of the filter weights differs
             assert diff.max() <= 2, req.name
-        else:  # libjpeg's DCT scaling against 2x2 means; measured: mean 0.5-2.0, 99th percentile 2-10
+        else:  # DCT scaling against 2x2 means (and OpenSlide's subpixel origin where a level is not exactly 2x);
+            # measured on C3: mean 0.1-2.4, 99th percentile 1-12, worst patch mean 4.4 (C6: 0.5-2.0, 2-10, 3.4)
             assert diff.mean() < 3 and np.percentile(diff, 99) <= 15 and per_patch.max() < 6, (
                 req.name, diff.mean(), np.percentile(diff, 99), per_patch.max())
