@@ -589,5 +589,5 @@ def cmd_plot(args) -> int:
                         methods=_names(getattr(args, "methods", None)), data_dir=getattr(args, "data_dir", None))
     folder = pictures.distribution.parent
     print(f"stbench: genes {', '.join(pictures.genes)}; {len(pictures.maps)} slide map(s) in {folder / 'maps'}, "
-          f"per-gene PCC in {pictures.distribution}", file=sys.stderr)
+          f"per-gene PCC in {pictures.distribution}")
     return 0
