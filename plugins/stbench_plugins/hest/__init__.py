@@ -54,5 +54,6 @@ def stbench_register_datasets(register):
             "select them with dataset_options.ids or dataset_options.where",
             reference="Jaume et al., HEST-1k, NeurIPS 2024 Datasets and Benchmarks, arXiv:2406.16192; "
             "data: huggingface.co/datasets/MahmoodLab/hest",
+            source="stbench_plugins.hest.sources:SOURCE",  # stbench data fetch hest --ids ...
         )
     )
