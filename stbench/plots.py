@@ -20,7 +20,6 @@ picture holds without parsing pixels.
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path

@@ -9,7 +9,6 @@ import json
 import threading
 import types
 import urllib.parse
-from pathlib import Path
 
 import pytest
 
