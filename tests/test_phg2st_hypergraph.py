@@ -9,6 +9,8 @@ import torch
 from stbench_plugins.phg2st.hypergraph import (
     HGConv,
     HypergraphConv,
+    code_neighbour_hypergraphs,
+    code_spot_hypergraph,
     dense_spot_hypergraph,
     neighbour_hypergraphs,
     spot_hypergraph,
@@ -143,7 +145,7 @@ def test_neighbour_hypergraphs_hand_example():
     features = torch.arange(25.0)[None, :, None].square().repeat(2, 1, 1)  # node u at u²
     mask = torch.ones(2, 25, dtype=torch.bool)
     mask[1, 1] = False
-    edges = neighbour_hypergraphs(features, mask, k=2)
+    edges, _ = neighbour_hypergraphs(features, mask, k=2)
     sets = {}
     for node, edge in edges.T.tolist():
         sets.setdefault(edge, set()).add(node)
@@ -159,7 +161,8 @@ def test_neighbour_hypergraphs_layout():
     mask = torch.rand(bsz, 25) > 0.3
     mask[2] = False
     mask[2, :3] = True  # fewer than k + 1 valid nodes: every hyperedge holds all of them
-    edges = neighbour_hypergraphs(features, mask, k=k)
+    edges, weights = neighbour_hypergraphs(features, mask, k=k)
+    assert weights.shape == (bsz * 25,) and ((weights >= 0) & (weights <= 1)).all()
     assert edges.dtype == torch.long and edges.shape[0] == 2
     nodes, hedges = edges
     assert ((nodes // 25) == (hedges // 25)).all()  # never across spots
@@ -176,7 +179,88 @@ def test_neighbour_hypergraphs_layout():
         d = {v: float((features[b, u] - features[b, v]).norm()) for v in others}
         nearest = sorted(others, key=lambda v: (d[v], v))[:k]
         assert set((members[1:] - 25 * b).tolist()) == set(nearest)
-    assert neighbour_hypergraphs(features, None, k=k).shape == (2, bsz * 25 * (k + 1))
+    assert neighbour_hypergraphs(features, None, k=k)[0].shape == (2, bsz * 25 * (k + 1))
+
+
+def test_neighbour_hyperedge_weights_by_hand():
+    # node u at feature u (1-D): distances |u - v|; valid nodes 0..24 except 1 (masked) for spot 1
+    features = torch.arange(25.0)[None, :, None].repeat(2, 1, 1)
+    mask = torch.ones(2, 25, dtype=torch.bool)
+    mask[1, 1] = False
+    edges, weights = neighbour_hypergraphs(features, mask, k=2)
+    # spot 0: off-diagonal distances 1..24 -> normalised (d - 1) / 23
+    # e_0 = {0, 1, 2}: distances 1, 2 -> (0 + 1/23) / 2; e_12 = {12, 11, 13}: distances 1, 1 -> 0
+    assert weights[0].item() == pytest.approx(1 - 0.5 / 23)
+    assert weights[12].item() == pytest.approx(1.0)
+    # spot 1 (node 1 masked): same range (min 1 between 2 and 3, max 24); e_0 = {0, 2, 3}: distances 2, 3
+    assert weights[25].item() == pytest.approx(1 - (1 / 23 + 2 / 23) / 2)
+    assert weights[26].item() == 1.0  # the masked node's hyperedge has no members
+    unweighted_edges, ones = neighbour_hypergraphs(features, mask, k=2, weighted=False)
+    assert torch.equal(unweighted_edges, edges) and (ones == 1).all()
+
+
+def test_neighbour_weights_equal_when_all_distances_tie():
+    features = torch.zeros(1, 25, 3)  # every distance 0: no range to normalise, every weight 1
+    _, weights = neighbour_hypergraphs(features, None, k=4)
+    assert (weights == 1).all()
+
+
+def code_spot_reference(features, coords, k):
+    """The PH2ST code's construction (METHODS.md §8.2 (2) code delta), row by row in float64."""
+    n = len(features)
+    incidences, scores = [], []
+    for i in range(n):
+        space = sorted((math.dist(coords[i], coords[j]), j) for j in range(n) if j != i)[:k]
+        a = np.zeros(n)
+        a[[j for _, j in space]] = 1
+        delta = np.array([math.dist(features[i], features[j]) for j in range(n)])
+        s = a / a.sum() + delta / delta.sum()
+        top = sorted(range(n), key=lambda j: (-s[j], j))[: k + 1]
+        incidences += [(i, j) for j in top]
+        scores += [s[j] for j in top]
+    n_edges = max(j for _, j in incidences) + 1
+    return np.array(incidences).T, np.array(scores[:n_edges])
+
+
+def test_code_spot_hypergraph_matches_the_code_row_by_row():
+    rng = np.random.default_rng(3)
+    coords = np.array([(x, y) for y in range(4) for x in range(5)], float) * 150.0
+    coords += rng.uniform(-5, 5, coords.shape)  # no spatial ties
+    features = rng.standard_normal((20, 6))
+    edges, weights = code_spot_hypergraph(features, coords, k=4)
+    want_edges, want_weights = code_spot_reference(features, coords, 4)
+    np.testing.assert_array_equal(edges, want_edges)
+    np.testing.assert_allclose(weights, want_weights, rtol=1e-5)
+    # the structure METHODS.md describes: the 4 spatial neighbours and the most dissimilar other spot,
+    # not i itself (for 20 spots a feature score δ/Σδ stays far below a neighbour's 1/4)
+    members = edges[1].reshape(20, 5)
+    for i in range(20):
+        near = np.argsort(np.linalg.norm(coords - coords[i], axis=1))[1:5]
+        delta = np.linalg.norm(features - features[i], axis=1)
+        delta[near] = -1
+        assert set(members[i]) == set(near) | {np.argmax(delta)} and i not in members[i]
+    np.testing.assert_array_equal(code_spot_hypergraph(features, coords, k=4, chunk=3)[0], edges)  # row blocks
+
+
+def test_code_neighbour_hypergraph_is_complete_with_cosine_weights():
+    torch.manual_seed(1)
+    features = torch.randn(2, 25, 4)
+    features[1, 7] = 0  # a masked sub-patch: zero features
+    edges, weights = code_neighbour_hypergraphs(features)
+    unit = torch.nn.functional.normalize(features, dim=2)
+    cos = unit @ unit.transpose(1, 2)
+    # spot 0: every node in every hyperedge (25 identical hyperedges), hyperedge j weighs cos(0, j)
+    spot0 = edges[:, edges[1] < 25]
+    assert spot0.shape[1] == 625 and set(zip(*spot0.tolist())) == {(u, v) for u in range(25) for v in range(25)}
+    torch.testing.assert_close(weights[:25], cos[0, 0])
+    # spot 1: node 7 (zero features) is in no hyperedge and its hyperedge is empty
+    spot1 = edges[:, edges[1] >= 25] - 25
+    assert 7 not in spot1[0].tolist() and 7 not in spot1[1].tolist() and spot1.shape[1] == 24 * 24
+    # PyG's reading of the per-incidence weights: hyperedge j takes the j-th incidence's cosine, and
+    # row 0 holds 24 incidences (node 7 missing), so hyperedge 24 takes row 1's first, cos(1, 0)
+    row0 = [cos[1, 0, v] for v in range(25) if v != 7]
+    torch.testing.assert_close(weights[25:49], torch.stack(row0))
+    torch.testing.assert_close(weights[49], cos[1, 1, 0])
 
 
 # ---------------------------------------------------------------------------------------------- HGConv

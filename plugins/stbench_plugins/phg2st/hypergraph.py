@@ -10,7 +10,10 @@
   N ≤ ``exact_limit``: exact, in row chunks (memory O(chunk·N)). Larger slides: O(N·K) memory, exact I
   evaluated on candidate neighbours only (see the function's docstring).
 * :func:`dense_spot_hypergraph`: the same construction from full N×N matrices (reference, benchmark).
-* :func:`neighbour_hypergraphs`: per spot, a hypergraph on its 25 sub-patch nodes (§8.2 (4)).
+* :func:`code_spot_hypergraph`: the PH2ST code's spot hypergraph (option ``spot_hyperedges="code"``).
+* :func:`neighbour_hypergraphs`: per spot, a weighted hypergraph on its 25 sub-patch nodes (§8.2 (4)).
+* :func:`code_neighbour_hypergraphs`: the PH2ST code's complete neighbour hypergraphs with cosine
+  weights (option ``neighbour_hyperedges="code"``).
 * :class:`HGConv`: PyG's ``HypergraphConv`` with ``pyg_compat`` (§3): True = PyG (hyperedge weights only
   in the node degree D), False = the documented X′ = D⁻¹ H W B⁻¹ Hᵀ X Θ + b.
 
@@ -47,6 +50,14 @@ _PCA_ROWS, _PCA_DIMS, _SIM_PAIRS = 8192, 8, 8192
 # block equals the same rows of the full product with torch's CPU BLAS, which the tests check)
 
 
+def shared_tensor(x: np.ndarray) -> Tensor:
+    """A tensor on the memory of ``x``, also when ``x`` is read-only (a slide's arrays are shared
+    across folds, and a 100,000-spot slide's neighbour features take GBs): callers never write into it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(x)
+
+
 def _inputs(features, coords, k):
     f = np.ascontiguousarray(features, dtype=np.float32)  # no copy for float32 input (100k × 1024 = 400 MB)
     c = np.asarray(coords, dtype=np.float64)
@@ -59,7 +70,7 @@ def _inputs(features, coords, k):
     c = c - c.min(0)
     side = c.max()
     c = c / side if side > 0 else c  # the larger side of the bounding box becomes 1
-    return torch.from_numpy(f), torch.from_numpy(c.astype(np.float32)), min(k, len(f) - 1)
+    return shared_tensor(f), torch.from_numpy(c.astype(np.float32)), min(k, len(f) - 1)
 
 
 def _sim_block(x, sq, rows: slice):
@@ -202,6 +213,49 @@ def _exact(x, c, k, chunk):
     return _assemble(torch.cat(nbrs), torch.cat(values))
 
 
+def code_spot_hypergraph(features: np.ndarray, coords: np.ndarray, k: int = 4, *, chunk: int | None = None):
+    """The PH2ST code's spot hypergraph (METHODS.md §8.2 (2), code delta; AMB-20), exact, in row blocks.
+
+    For spot i: s_ij = a_ij / Σ_j a_ij + δ_ij / Σ_j δ_ij, with a = 1 for i's k nearest spots in space
+    (self excluded; ties: lower index) and δ = Euclidean feature distance. The k + 1 largest s_ij over
+    every j (ties: lower index) are i's incidences, node i in hyperedge j, largest first: the k spatial
+    neighbours and the most dissimilar spot, i itself not included. Hyperedge j is the set of spots
+    that chose j. The code passes s_ij per incidence, where PyG reads one weight per hyperedge id:
+    hyperedge j weighs the j-th incidence's score (spot j // (k+1)'s (j mod (k+1))-th choice), over
+    largest chosen id + 1 hyperedges (some empty).
+
+    Returns the (2, N·(k+1)) incidence and the hyperedge weights as PyG reads them.
+    """
+    x, c, k = _inputs(features, coords, k)
+    n = len(x)
+    if n == 1:
+        return _single(1)
+    x = x - x.mean(0)
+    sq = x.square().sum(1)
+    chunk = chunk or max(1, _BLOCK_ELEMS // n)
+    chosen, scores = [], []
+    for start in range(0, n, chunk):
+        rows = slice(start, min(start + chunk, n))
+        pos = _pos_block(c, rows)
+        pos[_diag(rows)] = INF
+        spatial = _k_smallest(pos, k)
+        delta = _sim_block(x, sq, rows)
+        delta[_diag(rows)] = 0.0
+        total = delta.sum(1, keepdim=True)
+        s = torch.where(total > 0, delta / total.clamp(min=1e-30), torch.zeros_like(delta))
+        s.scatter_add_(1, spatial, torch.full(spatial.shape, 1.0 / k))
+        top = _k_smallest(-s, min(k + 1, n))  # the largest scores, largest first
+        chosen.append(top)
+        scores.append(s.gather(1, top))
+    chosen, scores = torch.cat(chosen), torch.cat(scores)
+    width = chosen.shape[1]
+    nodes = torch.arange(n).repeat_interleave(width)
+    hyperedges = chosen.reshape(-1)
+    per_incidence = scores.reshape(-1)
+    n_edges = int(hyperedges.max()) + 1
+    return torch.stack([nodes, hyperedges]).numpy(), per_incidence[:n_edges].float().numpy()
+
+
 def _diameter(c):
     try:
         ends = c[ConvexHull(c).vertices]
@@ -259,28 +313,79 @@ def _approximate(x, c, k, m, seed):
 # per-spot neighbour hypergraphs
 
 
-def neighbour_hypergraphs(features: Tensor, mask: Tensor | None = None, k: int = 4) -> Tensor:
+def neighbour_hypergraphs(features: Tensor, mask: Tensor | None = None, k: int = 4, weighted: bool = True):
     """One hypergraph per spot on its sub-patch nodes (METHODS.md §8.2 (4)).
 
     Node u of spot b has id b·n + u (n = 25 for a 5×5 grid); its hyperedge has the same id and holds
     u and its k nearest valid sub-patches by Euclidean feature distance (ties: lower index). Masked
     nodes (outside the image) get no hyperedge and are in none; with fewer than k + 1 valid nodes a
-    hyperedge holds all valid ones. Returns the (2, nnz) incidence, centre first in each hyperedge.
+    hyperedge holds all valid ones.
+
+    Weights (``weighted``), as the spot hypergraph's (AMB-20): the spot's distances between valid
+    sub-patches are min–max normalised over its off-diagonal pairs, and w_e = 1 − the mean normalised
+    distance of e's other members to its centre (in [0, 1]; 1 when e holds only its centre or all
+    distances are equal). Unweighted: every weight is 1.
+
+    Returns the (2, nnz) incidence, centre first in each hyperedge, and the (B·n,) hyperedge weights
+    (1 for the hyperedges of masked nodes, which have no members).
     """
     bsz, n, _ = features.shape
     f = features.detach().float()
     valid = torch.ones(bsz, n, dtype=torch.bool, device=f.device) if mask is None else mask.to(f.device, torch.bool)
     dist = torch.cdist(f, f, compute_mode="donot_use_mm_for_euclid_dist")  # exact: no Gram cancellation
-    dist.masked_fill_(~(valid[:, :, None] & valid[:, None, :]), INF)
-    dist.diagonal(dim1=1, dim2=2).fill_(INF)  # the centre is added explicitly
+    pair = valid[:, :, None] & valid[:, None, :]
+    pair.diagonal(dim1=1, dim2=2).fill_(False)  # the centre is added explicitly
+    dist.masked_fill_(~pair, INF)
     near = dist.sort(dim=2, stable=True)
     kk = min(k, n - 1)
     local = torch.arange(n, device=f.device)
     members = torch.cat([local.expand(bsz, n)[..., None], near.indices[..., :kk]], 2)  # (B, n, kk+1)
-    keep = torch.cat([valid[..., None], near.values[..., :kk].isfinite()], 2)
+    chosen = near.values[..., :kk]
+    keep = torch.cat([valid[..., None], chosen.isfinite()], 2)
     offset = torch.arange(bsz, device=f.device)[:, None, None] * n
     edges = (local[None, :, None] + offset).expand_as(members)
-    return torch.stack([(members + offset)[keep], edges[keep]])
+    incidence = torch.stack([(members + offset)[keep], edges[keep]])
+    if not weighted:
+        return incidence, f.new_ones(bsz * n)
+    finite = dist.isfinite()
+    lo = dist.masked_fill(~finite, INF).amin((1, 2))
+    hi = dist.masked_fill(~finite, -INF).amax((1, 2))
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))[:, None, None]
+    normed = ((chosen - lo[:, None, None]) / span).clamp(0, 1)
+    ok = chosen.isfinite()
+    n_members = ok.sum(2)
+    mean = torch.where(ok, normed, torch.zeros_like(normed)).sum(2) / n_members.clamp(min=1)
+    weights = torch.where(n_members > 0, 1 - mean, torch.ones_like(mean))
+    return incidence, weights.reshape(-1)
+
+
+def code_neighbour_hypergraphs(features: Tensor) -> tuple[Tensor, Tensor]:
+    """The PH2ST code's neighbour hypergraph (METHODS.md §8.2 (4), code delta), one per spot.
+
+    Every pair (u, v) of the spot's n sub-patches with a non-zero cosine similarity is an incidence,
+    node u in hyperedge v, so each hyperedge holds every node: n identical hyperedges (a zero feature
+    vector, i.e. a masked sub-patch, has cosine 0 with everything and drops out). The code passes the
+    cosines per incidence (row-major), where PyG reads one weight per hyperedge id, so hyperedge j
+    weighs the j-th incidence's cosine: cos(node 0, node j) when node 0 is valid. A spot with fewer
+    than n incidences (at most 4 valid nodes; the code would fail) gets weight 1 past its last one.
+
+    Ids are b·n + u as in :func:`neighbour_hypergraphs`. Returns the incidence and the (B·n,) weights.
+    """
+    bsz, n, _ = features.shape
+    f = features.detach().float()
+    unit = f / torch.linalg.vector_norm(f, dim=2, keepdim=True).clamp(min=1e-8)  # a zero vector stays 0
+    cos = unit @ unit.transpose(1, 2)  # (B, n, n), as torch's cosine_similarity without its (B, n, n, d) buffer
+    flat = cos.reshape(bsz, n * n)
+    present = flat != 0
+    b, pair = present.nonzero(as_tuple=True)  # row-major within each spot
+    u, v = pair // n, pair % n
+    incidence = torch.stack([b * n + u, b * n + v])
+    # PyG's reading: hyperedge j of spot b takes the weight of that spot's j-th incidence
+    rank = present.long().cumsum(1) - 1  # position of each present entry among its spot's incidences
+    weights = f.new_ones(bsz, n)
+    first = present & (rank < n)
+    weights[first.nonzero(as_tuple=True)[0], rank[first]] = flat[first]
+    return incidence, weights.reshape(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,10 +397,11 @@ class HGConv(HypergraphConv):
 
     ``pyg_compat=True``: exactly PyG, whose messages ignore the hyperedge weights (they only enter the
     node degree D; PyG issue #6918). ``pyg_compat=False``: X′ = D⁻¹ H W B⁻¹ Hᵀ X Θ + b, the documented
-    formula (no attention). With all-ones weights both are the same.
+    formula (no attention). With all-ones weights both are the same. ``pyg_compat`` has no default here:
+    its one default is ``PHG2STConfig.pyg_compat``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, *args, pyg_compat: bool = True, **kwargs):
+    def __init__(self, in_channels: int, out_channels: int, *args, pyg_compat: bool, **kwargs):
         super().__init__(in_channels, out_channels, *args, **kwargs)
         self.pyg_compat = pyg_compat
         if self.use_attention and not pyg_compat:

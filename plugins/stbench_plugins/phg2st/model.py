@@ -1,235 +1,254 @@
-"""The PHG2ST network and its stbench Method (METHODS.md §8)."""
+"""PHG2ST as an stbench Method: inputs, training and model selection (METHODS.md §8.4), prediction."""
 
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from stbench.errors import ConfigError
+from stbench.errors import ConfigError, DataError
 from stbench.method import FitContext, Method
 from stbench.metrics import pcc
-from stbench.nn import CrossEncoder, GlobalEncoder, NeighborEncoder, PromptProjection
-from stbench.nn import init_vit_style as init_like_triplex
-from stbench.prompts import select_prompts
-from stbench_plugins.phg2st.hypergraph import HGConv, neighbour_hypergraphs, spot_hypergraph
+from stbench.prompts import n_prompts, select_prompts
+from stbench.torch_method import group_by_slide, spot_pool
+from stbench_plugins.phg2st.chunks import SlidePart, slide_parts
+from stbench_plugins.phg2st.hypergraph import (code_neighbour_hypergraphs, code_spot_hypergraph, neighbour_hypergraphs,
+                                               shared_tensor, spot_hypergraph)
+from stbench_plugins.phg2st.network import PHG2STNet, phg2st_loss
 
-#: hidden width of the PH2ST code's two-layer hypergraph block
-CODE_HIDDEN = 512
-
-
-class HypergraphBlock(nn.Module):
-    """Paper: Dropout(LN(ReLU(HGConv(x)))). Code: HGConv(D→512) → ReLU → LN → Dropout → HGConv(512→D) + x."""
-
-    def __init__(self, dim: int, dropout: float, pyg_compat: bool, variant: str):
-        super().__init__()
-        self.variant = variant
-        if variant == "paper":
-            self.conv = HGConv(dim, dim, pyg_compat=pyg_compat)
-            self.norm = nn.LayerNorm(dim)
-        else:
-            self.conv = HGConv(dim, CODE_HIDDEN, pyg_compat=pyg_compat)
-            self.norm = nn.LayerNorm(CODE_HIDDEN)
-            self.conv2 = HGConv(CODE_HIDDEN, dim, pyg_compat=pyg_compat)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x, edges, weights=None):
-        h = self.drop(self.norm(F.relu(self.conv(x, edges, weights))))
-        if self.variant == "paper":
-            return h
-        return self.conv2(h, edges, weights) + x
-
-
-class PHG2STNet(nn.Module):
-    def __init__(self, cfg, in_dim: int, n_genes: int):
-        super().__init__()
-        d = cfg.dim
-        self.cfg = cfg
-        # UNI features (1024) enter as they are; other encoders' features are projected to the width
-        self.proj = nn.Identity() if in_dim == d else nn.Linear(in_dim, d)
-        self.spot_hg = HypergraphBlock(d, cfg.dropout_hypergraph, cfg.pyg_compat, cfg.hgnn_variant) if cfg.use_spot_hypergraph else None
-        self.nb_hg = HypergraphBlock(d, cfg.dropout_hypergraph, cfg.pyg_compat, cfg.hgnn_variant) if cfg.use_neighbour_hypergraph else None
-        self.global_enc = GlobalEncoder(d, cfg.depth_global, cfg.heads_global, cfg.mlp_ratio_global, cfg.dropout_global)
-        self.nb_enc = NeighborEncoder(d, cfg.depth_neighbour, cfg.heads_neighbour, cfg.mlp_ratio_neighbour, cfg.dropout_neighbour)
-        if cfg.use_prompt:
-            self.prompt = PromptProjection(n_genes, d, cfg.dropout_cross, residual=cfg.prompt_residual)
-        else:  # ablation: one learned query for every spot, so the prompts cannot inform anything
-            self.query = nn.Parameter(torch.zeros(d))
-        self.cross = CrossEncoder(d, cfg.depth_cross, cfg.heads_cross, cfg.mlp_ratio_cross, cfg.dropout_cross)
-        self.fusion_norm = nn.LayerNorm(d) if cfg.fusion == "code" else None
-        self.head_z, self.head_spot, self.head_nb = nn.Linear(d, n_genes), nn.Linear(d, n_genes), nn.Linear(d, n_genes)
-        self.head_prompt = nn.Linear(d, n_genes) if cfg.heads == "code" else None
-        init_like_triplex(self)
-        if not cfg.use_prompt:
-            nn.init.trunc_normal_(self.query, std=0.02)
-
-    def forward(self, b: dict):
-        n = b["spot"].shape[0]
-        phi_s = self.proj(b["spot"])
-        phi_n = self.proj(b["nb"])
-        h_s = self.spot_hg(phi_s, b["spot_edges"], b["spot_weights"]) if self.spot_hg is not None else phi_s
-        if self.nb_hg is not None:
-            d = phi_n.shape[-1]
-            h_n = self.nb_hg(phi_n.reshape(-1, d), b["nb_edges"]).reshape(n, -1, d)
-        else:
-            h_n = phi_n
-        t_s = self.global_enc(h_s, b["grid"])
-        t_n = self.nb_enc(h_n, b["nb_mask"])
-        q = self.prompt(b["y_masked"]) if self.cfg.use_prompt else self.query.expand(n, -1)
-        t_ng = self.cross(q[:, None], t_n, b["nb_mask"])[:, 0]
-        if self.fusion_norm is None:
-            z = t_ng + t_s  # paper eq. 6
-        else:  # PH2ST code: one CrossEncoder applied to both branches, the second time without the mask
-            z = self.fusion_norm(self.cross(q[:, None], t_s[:, None])[:, 0] + self.cross(q[:, None], t_n)[:, 0])
-        p_z = self.head_z(z)
-        if self.head_prompt is None:
-            branches = [self.head_spot(t_s), self.head_nb(t_ng)]
-        else:
-            branches = [self.head_prompt(q), self.head_nb(t_n.mean(1)), self.head_spot(t_s)]
-        return p_z, branches
-
-
-def phg2st_loss(p_z: torch.Tensor, branches: list, truth: torch.Tensor, lam: float) -> torch.Tensor:
-    """L = MSE(p_Z, g) + Σ_b [(1 − λ) MSE(p_b, g) + λ MSE(p_b, p_Z)] (METHODS.md §8.3; no stop-gradient)."""
-    loss = F.mse_loss(p_z, truth)
-    for p in branches:
-        loss = loss + (1 - lam) * F.mse_loss(p, truth) + lam * F.mse_loss(p, p_z)
-    return loss
-
-
-def spatial_chunks(positions: np.ndarray, max_spots: int) -> list[np.ndarray]:
-    """Split spots into spatially contiguous parts of at most ``max_spots`` by median bisection."""
-    parts, todo = [], [np.arange(len(positions))]
-    while todo:
-        idx = todo.pop()
-        if len(idx) <= max_spots:
-            parts.append(np.sort(idx))
-            continue
-        pts = positions[idx]
-        axis = int(np.argmax(np.ptp(pts, axis=0)))
-        order = idx[np.argsort(pts[:, axis], kind="stable")]
-        half = len(order) // 2
-        todo += [order[:half], order[half:]]
-    return sorted(parts, key=lambda p: p[0])
+#: the allowed values of the string options
+CHOICES = {
+    "loss_on": ("all", "non_prompt"),
+    "hgnn_variant": ("paper", "code"),
+    "fusion": ("sum", "code"),
+    "heads": ("paper", "code"),
+    "spot_hyperedges": ("paper", "code"),
+    "neighbour_hyperedges": ("paper", "code"),
+    "batching": ("slide", "spots"),
+    "optimizer": ("paper", "code"),
+    "init": ("torch", "trunc_normal"),
+}
+#: optimizer="code": ReduceLROnPlateau on the validation PCC (PH2ST config: factor 0.1, patience 10)
+PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 10
 
 
 @dataclass
-class Chunk:
-    """The tensors of one slide part, with its hypergraphs (they depend only on frozen features)."""
+class SlideState:
+    """What PHG2ST keeps of one slide while it uses it: network inputs on the device, the raw neighbour
+    features its neighbour hypergraphs are built from, and its parts (:mod:`.chunks`)."""
 
-    spots: np.ndarray
-    tensors: dict
+    spot: torch.Tensor  # (N, d)
+    nb: torch.Tensor  # (N, 25, d)
+    nb_mask: torch.Tensor  # (N, 25) bool
+    nb_raw: torch.Tensor  # (N, 25, d) on the CPU
+    grid: torch.Tensor  # (N, 2)
+    parts: list[SlidePart]
+    part_of: np.ndarray  # (N,) the part whose core holds each spot
+    row_in_core: np.ndarray  # (N,) the spot's row in that core
+    tensors: list[dict] = field(default_factory=list)  # per part, on the device
 
 
 class PHG2ST(Method):
     def __init__(self, config):
-        for key, allowed in (("loss_on", ("all", "non_prompt")), ("hgnn_variant", ("paper", "code")),
-                             ("fusion", ("sum", "code")), ("heads", ("paper", "code"))):
+        for key, allowed in CHOICES.items():
             if getattr(config, key) not in allowed:
                 raise ConfigError(f"phg2st: {key} must be one of {', '.join(allowed)}, got {getattr(config, key)!r} (key methods.phg2st.{key})")
         if not 0 < config.train_prompt_ratio < 1:
             raise ConfigError("phg2st: train_prompt_ratio must be in (0, 1) (key methods.phg2st.train_prompt_ratio)")
+        if config.max_spots < 1 or config.batch_size < 1 or config.chunk_halo < 0:
+            raise ConfigError("phg2st: max_spots and batch_size must be >= 1 and chunk_halo >= 0 (keys methods.phg2st.max_spots, .batch_size, .chunk_halo)")
         self.config = config
         self.device = torch.device("cpu")  # the harness's choice (FitContext.device) is taken in fit
         self.net: Optional[PHG2STNet] = None
-        self._chunks: dict[str, list[Chunk]] = {}
+        self._states: dict[str, SlideState] = {}
         self.history: list[dict] = []
+        self.seed = 0
 
     # -- inputs ---------------------------------------------------------------------------------
-    def _standardise(self, x: np.ndarray) -> np.ndarray:
-        if not self.config.standardise_features:
-            return x.astype(np.float32)
-        return ((x - self.mu_) / self.sd_).astype(np.float32)
+    def _inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Network input features: as they are (the sources), or standardised with training statistics."""
+        x = np.asarray(x, dtype=np.float32)
+        if self.config.standardise_features:
+            x = ((x - self.mu_) / self.sd_).astype(np.float32)
+        return shared_tensor(x)
 
-    def _prepare(self, slide) -> list[Chunk]:
-        """Per-slide tensors and hypergraphs, built once and reused by every epoch and prediction."""
-        key = slide.name
-        if key in self._chunks:
-            return self._chunks[key]
-        raw_spot, raw_nb = slide.features["spot"], slide.features["neighbour"]
-        spot, nb = self._standardise(raw_spot), self._standardise(raw_nb)
-        nb_mask = slide.features["neighbour_mask"].astype(bool)
+    def _spot_graph(self, features: np.ndarray, positions: np.ndarray):
+        """The whole slide's spot hypergraph, from the encoder's own (raw) features (§8.2 (2))."""
+        build = code_spot_hypergraph if self.config.spot_hyperedges == "code" else spot_hypergraph
+        return build(features, positions, k=self.config.k)
+
+    def _neighbour_graph(self, raw: torch.Tensor, mask: torch.Tensor):
+        """The 5×5 neighbour hypergraphs of B spots from their raw (B, 25, d) features (§8.2 (4))."""
+        if self.config.neighbour_hyperedges == "code":
+            edges, weights = code_neighbour_hypergraphs(raw)
+        else:
+            edges, weights = neighbour_hypergraphs(raw, mask, k=self.config.k, weighted=self.config.weight_neighbour_hyperedges)
+        return edges.to(self.device), weights.to(self.device)
+
+    def _prepare(self, slide) -> SlideState:
+        """A slide's inputs and hypergraphs, built once and reused by every epoch and prediction."""
+        if slide.name in self._states:
+            return self._states[slide.name]
+        grid = np.asarray(slide.grid, dtype=np.int64)
+        cells, counts = np.unique(grid, axis=0, return_counts=True)
+        if (counts > 1).any():
+            cell = tuple(int(v) for v in cells[np.argmax(counts > 1)])
+            raise DataError(f"phg2st: slide {slide.name}: {int((counts[counts > 1]).sum())} spots share grid cells "
+                            f"(e.g. {cell}); PEG places one spot per cell: fix the section's grid coordinates")
+        raw_spot = np.asarray(slide.features["spot"], dtype=np.float32)
+        raw_nb = np.asarray(slide.features["neighbour"], dtype=np.float32)
         pos = slide.positions_um()
-        chunks = []
-        for part in spatial_chunks(pos, self.config.max_spots):
-            # hyperedges from Euclidean distances between the encoder's own features (§8.2 (2), (4))
-            edges, weights = spot_hypergraph(raw_spot[part].astype(np.float32), pos[part], k=self.config.k)
-            nb_t = torch.from_numpy(nb[part])
-            mask_t = torch.from_numpy(nb_mask[part])
-            tensors = {
-                "spot": torch.from_numpy(spot[part]),
-                "nb": nb_t,
-                "nb_mask": mask_t,
-                "grid": torch.from_numpy(np.asarray(slide.grid[part], dtype=np.int64)),
-                "spot_edges": torch.from_numpy(np.asarray(edges, dtype=np.int64)),
-                "spot_weights": torch.from_numpy(np.asarray(weights, dtype=np.float32)),
-                "nb_edges": neighbour_hypergraphs(torch.from_numpy(raw_nb[part].astype(np.float32)), mask_t, k=self.config.k),
-            }
-            chunks.append(Chunk(part, {k: v.to(self.device) for k, v in tensors.items()}))
-        self._chunks[key] = chunks
-        return chunks
+        if self.net.spot_hops:
+            edges, weights = self._spot_graph(raw_spot, pos)
+        else:
+            edges, weights = np.zeros((2, 0), np.int64), np.zeros(0, np.float32)
+        parts = slide_parts(pos, edges, weights, self.config.max_spots, self.config.chunk_halo, self.net.spot_hops)
+        part_of, row_in_core = np.empty(len(grid), np.int64), np.empty(len(grid), np.int64)
+        for i, part in enumerate(parts):
+            part_of[part.core], row_in_core[part.core] = i, np.arange(len(part.core))
+        dev = self.device
+        state = SlideState(spot=self._inputs(raw_spot).to(dev), nb=self._inputs(raw_nb).to(dev),
+                           nb_mask=torch.from_numpy(np.asarray(slide.features["neighbour_mask"], dtype=bool)).to(dev),
+                           nb_raw=shared_tensor(raw_nb), grid=shared_tensor(grid).to(dev), parts=parts,
+                           part_of=part_of, row_in_core=row_in_core)
+        for part in parts:
+            state.tensors.append({"inputs": torch.from_numpy(part.inputs).to(dev), "core": torch.from_numpy(part.core).to(dev),
+                                  "n_local": len(part.local), "grid": torch.from_numpy(grid[part.local]).to(dev),
+                                  "edges": torch.from_numpy(part.edges).to(dev),
+                                  "weights": torch.from_numpy(np.asarray(part.weights, np.float32)).to(dev)})
+        self._states[slide.name] = state
+        return state
 
-    def _forward(self, chunk: Chunk, y_masked: np.ndarray):
-        batch = dict(chunk.tensors, y_masked=torch.from_numpy(y_masked[chunk.spots]).to(self.device))
-        return self.net(batch)
+    # -- forward passes ---------------------------------------------------------------------------
+    def _spot_tokens(self, state: SlideState, i: int) -> torch.Tensor:
+        """T_s of the core spots of part ``i`` (the part and its halo encoded together)."""
+        t = state.tensors[i]
+        t_s = self.net.encode_spots(state.spot[t["inputs"]], t["edges"], t["weights"], t["grid"], t["n_local"])
+        return t_s[: len(state.parts[i].core)]
 
-    # -- Method API -----------------------------------------------------------------------------
+    def _neighbour_tokens(self, states_and_spots):
+        """T_n and the key masks of spots given as [(state, spot indices), ...], in that order."""
+        nb = torch.cat([s.nb[torch.from_numpy(idx).to(self.device)] for s, idx in states_and_spots])
+        mask = torch.cat([s.nb_mask[torch.from_numpy(idx).to(self.device)] for s, idx in states_and_spots])
+        raw = torch.cat([s.nb_raw[torch.from_numpy(idx)] for s, idx in states_and_spots])
+        edges, weights = self._neighbour_graph(raw, mask.cpu()) if self.net.nb_hg is not None else (None, None)
+        return self.net.encode_neighbours(nb, mask, edges, weights), mask
+
+    def _forward_part(self, state: SlideState, i: int, y_masked: np.ndarray):
+        """p_Z and the branch predictions of the core spots of part ``i``; ``y_masked``: their rows."""
+        t_s = self._spot_tokens(state, i)
+        t_n, mask = self._neighbour_tokens([(state, state.parts[i].core)])
+        return self.net.fuse(t_s, t_n, mask, torch.from_numpy(y_masked).to(self.device))
+
+    def _forward_spots(self, groups, y_masked: np.ndarray):
+        """p_Z and branch predictions of spots pooled across slides, [(state, spot indices), ...]: each
+        slide's spot branch runs on the whole parts that hold the batch's spots (the PH2ST code encodes
+        the whole slide of every slide in a batch)."""
+        t_s = []
+        for state, idx in groups:
+            rows = torch.empty(len(idx), self.config.dim, device=self.device)
+            for i in np.unique(state.part_of[idx]):
+                here = np.flatnonzero(state.part_of[idx] == i)
+                in_core = torch.from_numpy(state.row_in_core[idx[here]]).to(self.device)
+                rows[torch.from_numpy(here).to(self.device)] = self._spot_tokens(state, i)[in_core]
+            t_s.append(rows)
+        t_n, mask = self._neighbour_tokens(groups)
+        return self.net.fuse(torch.cat(t_s), t_n, mask, torch.from_numpy(y_masked).to(self.device))
+
+    # -- training -------------------------------------------------------------------------------
+    def _steps(self, states, train, rng):
+        """One epoch's training steps: (forward() → (p_Z, branches), truth, prompt rows) per step.
+
+        ``batching="slide"`` (paper): one step per part of each training slide, 30 % of its spots
+        drawn as prompts afresh at every step. ``"spots"`` (PH2ST code): batches of ``batch_size``
+        spots pooled across slides, ``train_prompt_ratio`` of each batch drawn as prompts.
+        """
+        cfg = self.config
+        if cfg.batching == "slide":
+            work = [(k, i) for k, s in enumerate(states) for i in range(len(s.parts))]
+            for w in rng.permutation(len(work)):
+                k, i = work[w]
+                core = states[k].parts[i].core
+                truth = train[k].expr[core]
+                prompt = rng.choice(len(core), size=n_prompts(len(core), cfg.train_prompt_ratio), replace=False)
+                y_masked = np.zeros_like(truth)
+                y_masked[prompt] = truth[prompt]
+                yield (lambda k=k, i=i, y=y_masked: self._forward_part(states[k], i, y)), truth, prompt
+        else:
+            pool = spot_pool(train, lambda s: np.ones(s.n_spots, bool))
+            order = rng.permutation(len(pool))
+            for start in range(0, len(order), cfg.batch_size):
+                pick = [pool[j] for j in order[start:start + cfg.batch_size]]
+                by_slide = group_by_slide(pick, list(range(len(train))))
+                groups = [(states[k], idx) for k, idx in by_slide]
+                truth = np.concatenate([train[k].expr[idx] for k, idx in by_slide])
+                prompt = rng.choice(len(truth), size=n_prompts(len(truth), cfg.train_prompt_ratio), replace=False)
+                y_masked = np.zeros_like(truth)
+                y_masked[prompt] = truth[prompt]
+                yield (lambda g=groups, y=y_masked: self._forward_spots(g, y)), truth, prompt
+
+    def _optimiser(self):
+        cfg = self.config
+        if cfg.optimizer == "code":
+            optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr)
+            return optimizer, torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=PLATEAU_FACTOR,
+                                                                         patience=PLATEAU_PATIENCE)
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        return optimizer, torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+
     def fit(self, train, val, context: FitContext):
         cfg = self.config
         self.device = torch.device(context.device)
-        self._chunks.clear()  # tensors of an earlier fit may live on another device
+        self._states.clear()  # tensors of an earlier fit may live on another device
+        self.history, self.seed = [], context.seed
         torch.manual_seed(context.seed)
         rng = np.random.default_rng(context.seed)
+        # feature statistics from the training slides only (used with standardise_features)
         stack = np.concatenate([s.features["spot"][s.features["spot_mask"]] for s in train])
         self.mu_, self.sd_ = stack.mean(0), stack.std(0)
         self.sd_[self.sd_ == 0] = 1.0
         self.net = PHG2STNet(cfg, stack.shape[1], len(context.genes))
         if cfg.init_bias_to_mean:
             mean = torch.from_numpy(np.concatenate([s.expr for s in train]).mean(0))
-            for head in (self.net.head_z, self.net.head_spot, self.net.head_nb, self.net.head_prompt):
-                if head is not None:
-                    head.bias.data.copy_(mean)
+            for head in self.net.heads():
+                head.bias.data.copy_(mean)
         self.net.to(self.device)
-        optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-        work = [(s, c) for s in train for c in self._prepare(s)]
+        optimizer, scheduler = self._optimiser()
+        states = [self._prepare(s) for s in train]
         strategy = context.prompt_selector or context.prompt_strategy
         self._val_prompts = {s.name: select_prompts(strategy, s.positions_um(), context.prompt_ratio, s.name, context.seed)
                              for s in val}
-        best, best_state, stale = -math.inf, None, 0
+        if not val:
+            warnings.warn("phg2st: no validation slides: early stopping and the kept checkpoint use the training loss "
+                          "(summary: selection=train_loss)", stacklevel=2)
+        best, best_state, best_epoch, stale = -math.inf, None, None, 0
         for epoch in range(cfg.epochs):
             self.net.train()
             losses = []
-            for i in rng.permutation(len(work)):
-                slide, chunk = work[i]
-                expr = slide.expr[chunk.spots]
-                n = len(chunk.spots)
-                # 30 % of the chunk's spots are prompts, drawn afresh at every step (paper)
-                prompt = rng.choice(n, size=max(1, int(round(cfg.train_prompt_ratio * n))), replace=False)
-                y_masked = np.zeros_like(slide.expr)
-                y_masked[chunk.spots[prompt]] = expr[prompt]
-                p_z, branches = self._forward(chunk, y_masked)
-                truth = torch.from_numpy(expr).to(self.device)
+            for forward, truth, prompt in self._steps(states, train, rng):
+                p_z, branches = forward()
+                target = torch.from_numpy(truth).to(self.device)
                 if cfg.loss_on == "non_prompt":
-                    keep = torch.ones(n, dtype=torch.bool, device=self.device)
-                    keep[torch.from_numpy(prompt)] = False
-                    p_z, branches, truth = p_z[keep], [b[keep] for b in branches], truth[keep]
-                loss = phg2st_loss(p_z, branches, truth, cfg.lam)
+                    keep = torch.ones(len(truth), dtype=torch.bool, device=self.device)
+                    keep[torch.from_numpy(prompt).to(self.device)] = False
+                    p_z, branches, target = p_z[keep], [b[keep] for b in branches], target[keep]
+                loss = phg2st_loss(p_z, branches, target, cfg.lam)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
-            scheduler.step()
-            score = self._validate(val) if val else -float(np.mean(losses))
-            self.history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_pcc": score if val else None})
+            train_loss = float(np.mean(losses))
+            score = self._validate(val) if val else -train_loss
+            self.history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                                 "val_pcc": score if val else None})
+            scheduler.step(score) if cfg.optimizer == "code" else scheduler.step()
             if score > best:
-                best, stale = score, 0
+                best, best_epoch, stale = score, epoch, 0
                 best_state = copy.deepcopy(self.net.state_dict())
             else:
                 stale += 1
@@ -237,21 +256,32 @@ class PHG2ST(Method):
                     break
         if best_state is not None:
             self.net.load_state_dict(best_state)
-        self.best_score_ = best
-        self._chunks = {}  # training tensors are not needed any more
+            self.selection_ = {"selection": "val_pcc" if val else "train_loss", "best_epoch": best_epoch,
+                               **({"best_val_pcc": best} if val else {"best_train_loss": -best})}
+        else:
+            warnings.warn("phg2st: the validation PCC was undefined at every epoch (constant predictions or genes): "
+                          "the last epoch's weights are kept (summary: selection=last_epoch)", stacklevel=2)
+            self.selection_ = {"selection": "last_epoch", "best_epoch": len(self.history) - 1}
+        self._states.clear()  # training and validation tensors are not needed any more
 
+    # -- prediction -----------------------------------------------------------------------------
     def _predict_with(self, slide, prompt_idx, prompt_expr) -> np.ndarray:
         self.net.eval()
+        state = self._prepare(slide)
         y_masked = np.zeros((slide.n_spots, slide.n_genes), dtype=np.float32)
         y_masked[prompt_idx] = prompt_expr
         out = np.zeros_like(y_masked)
-        with torch.inference_mode():
-            for chunk in self._prepare(slide):
-                p_z, _ = self._forward(chunk, y_masked)
-                out[chunk.spots] = p_z.float().cpu().numpy()
+        devices = [self.device] if self.device.type == "cuda" else []
+        # eval_dropout (PH2ST code) draws dropout masks at prediction: seeded, so a prediction repeats
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            for i, part in enumerate(state.parts):
+                p_z, _ = self._forward_part(state, i, y_masked[part.core])
+                out[part.core] = p_z.float().cpu().numpy()
         return out
 
     def _validate(self, val) -> float:
+        """Mean over validation slides of the PCC on their non-prompt spots (−inf if undefined on all)."""
         scores = []
         for s in val:
             idx = self._val_prompts[s.name]
@@ -264,10 +294,9 @@ class PHG2ST(Method):
 
     def predict(self, slide) -> np.ndarray:
         pred = self._predict_with(slide, slide.prompt_idx, slide.prompt_expr)
-        self._chunks.pop(slide.name, None)
+        self._states.pop(slide.name, None)
         return pred
 
     def summary(self):
-        return {"epochs_run": len(self.history), "best_val_pcc": getattr(self, "best_score_", None),
-                "device": str(self.device), "parameters": sum(p.numel() for p in self.net.parameters()) if self.net else 0}
-
+        return {"epochs_run": len(self.history), **getattr(self, "selection_", {}), "device": str(self.device),
+                "parameters": sum(p.numel() for p in self.net.parameters()) if self.net else 0}
