@@ -740,7 +740,7 @@ def model_record(plan: Plan, store: SlideStore, method_name: str, fold: Fold, ge
     if scope == models.ALL:
         description = (f"fitted on every section of {config.benchmark} (no test fold: the model to deploy, never "
                        f"scored); validation {', '.join(fold.val) or 'none'}, chosen by the inner-validation rule of "
-                       f"split {config.split} applied to all patients")
+                       f"split {config.split} with every section on the training side")
     else:
         description = (f"fold {fold.index} of {config.split} on {config.benchmark} (test {', '.join(fold.test)}), "
                        "saved before any fine-tuning on a test slide")

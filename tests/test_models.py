@@ -35,7 +35,6 @@ def _plan(names, out, sets=(), save_models=True, fit_all=False, plugins=None):
 
 
 def _class(plugins, name):
-    spec = plugins.methods.get(name)
     return type(plugins.methods.load(name)(_plan_config(plugins, name)))
 
 
