@@ -55,6 +55,13 @@ def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     lb.add_argument("--format", default="md", help="md, csv, latex or html (default md)")
     lb.add_argument("--output", help="write the table (every column) to this file (default: print the headline columns)")
     lb.add_argument("--all-columns", action="store_true", help="print every column, not only the headline ones")
+    lb.add_argument("--baseline", metavar="ROW",
+                    help="also compare every row with this row (a method label of the table), slide by slide")
+    lb.add_argument("--compare-on", default="pcc", metavar="METRIC",
+                    help="the metric of the paired comparisons with the best row and --baseline (default pcc); "
+                         "they are added to files and --all-columns output")
+    lb.add_argument("--published", action="store_true",
+                    help="add the numbers the papers report (the benchmark's published.yaml) as labelled rows")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND")
@@ -217,9 +224,14 @@ def cmd_leaderboard(args) -> int:
     from stbench import atomic, leaderboard
     from stbench.plugins import get_plugins
 
-    table, meta = leaderboard.summary_rows([Path(d) for d in args.run_dirs])
+    runs = [Path(d) for d in args.run_dirs]
+    published = leaderboard.published_for(runs) if args.published else None
+    columns = leaderboard.columns_with(published)
+    table, meta = leaderboard.summary_rows(runs, columns)
     compact = not args.output and not args.all_columns
-    text = leaderboard.render(table, meta, get_plugins(), args.format, compact=compact)
+    significance = None if compact and not args.baseline else {"metric": args.compare_on, "baseline": args.baseline}
+    text = leaderboard.render(table, meta, get_plugins(), args.format, columns=None if compact else columns,
+                              compact=compact, significance=significance, published=published)
     if args.output:
         atomic.write_text(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)

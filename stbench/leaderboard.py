@@ -164,6 +164,32 @@ def summary_rows(run_dirs: list[Path], columns=None) -> tuple[list[dict], dict]:
     return rows, meta
 
 
+def published_for(run_dirs: list[Path]):
+    """The published numbers of the runs' benchmark (``--published``); a one-line error when it has none."""
+    from stbench import published
+
+    name = _read_run(Path(run_dirs[0]))["run"]["protocol"].get("benchmark")
+    found = published.for_benchmark(name) if name else None
+    if found is None:
+        raise ConfigError(f"benchmark {name} ships no {published.FILE} beside its definition; drop --published "
+                          "or add the file (see benchmarks/stbench_benchmarks/her2/published.yaml)")
+    return found
+
+
+def columns_with(published=None) -> list:
+    """The table's columns: :data:`DEFAULT_COLUMNS`, plus any metric the published numbers report that
+    the defaults leave out (e.g. HyperST's post hoc PCC@k), labelled as such."""
+    columns = list(DEFAULT_COLUMNS)
+    if published is not None:
+        have = {c for c, _ in columns}
+        for ours in published.columns():
+            if ours not in have:
+                label = ours.replace("_posthoc", " (post hoc)").replace("pcc", "PCC").replace("mse", "MSE").replace("mae", "MAE")
+                columns.append((ours, label))
+                have.add(ours)
+    return columns
+
+
 def summarise(run_dirs: list[Path], columns=None):
     """:func:`summary_rows` as a pandas DataFrame (for notebooks and tests), and the protocol."""
     import pandas as pd
@@ -213,6 +239,8 @@ def add_significance(rows: list[dict], plugins, metric: str = "pcc", baseline: O
             if key == "best":
                 reachable = reachable and sig.can_reach(c.n)
     ns = sorted({r[f"vs_{k}:n"] for r in rows for k, _ in references if f"vs_{k}:n" in r})
+    if not ns:
+        return [f"No paired comparison on {metric}: no other row shares two or more scored slides with {best['method']}."]
     if reachable:
         for row in rows:
             if row is not best and "vs_best:p" in row:

@@ -30,6 +30,10 @@ class Published:
     protocol: dict
     rows: list  # dicts: method -> label, then "COL:mean"/"COL:std" in stbench column names
 
+    def columns(self) -> list[str]:
+        """The stbench columns these numbers report, in the file's order."""
+        return list(dict.fromkeys(k.rsplit(":", 1)[0] for r in self.rows for k in r if k.endswith(":mean")))
+
 
 def _pair(value, where: str) -> tuple[float, float]:
     if isinstance(value, (int, float)):

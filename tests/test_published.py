@@ -62,3 +62,22 @@ def test_a_malformed_file_is_one_line_naming_it(tmp_path):
     bad.write_text("source: x\nkind: paper\nprotocol: {}\nmetrics: {PCC: pcc}\nrows: [{method: A, PCC: [0.1, 0.2, 0.3]}]\n")
     with pytest.raises(ConfigError, match="expected a number or"):
         pub.load(bad)
+
+
+def test_the_leaderboard_command_adds_published_rows_and_post_hoc_columns_they_report(tmp_path, capsys):
+    from stbench.cli import main
+
+    run = _run(tmp_path / "r")
+    assert main(["leaderboard", str(run), "--published", "--all-columns"]) == 0
+    out = capsys.readouterr().out
+    assert "PHG2ST [published]" in out and "Protocol differences" in out
+    # a benchmark whose published numbers include a column the defaults leave out gets that column
+    text = (run / "run.json").read_text().replace('"benchmark": "her2"', '"benchmark": "hest_lung"')
+    (run / "run.json").write_text(text)
+    assert main(["leaderboard", str(run), "--published", "--output", str(tmp_path / "t.md")]) == 0
+    table = (tmp_path / "t.md").read_text()
+    assert "PCC@200 (post hoc)" in table and "HyperST [published, via a third-party summary]" in table
+    assert "0.459" in table
+    (run / "run.json").write_text(text.replace('"benchmark": "hest_lung"', '"benchmark": "synthetic"'))
+    assert main(["leaderboard", str(run), "--published"]) == 2
+    assert "ships no published.yaml" in capsys.readouterr().err

@@ -104,3 +104,15 @@ def test_an_unknown_baseline_is_one_line_naming_the_rows(tmp_path):
     rows, meta = summary_rows([_run(tmp_path / "r", {"a": [0.1, 0.2, 0.3], "b": [0.2, 0.2, 0.1]}, 3)])
     with pytest.raises(ConfigError, match="--baseline 'c' is not a row of this leaderboard; choose one of a, b"):
         render(rows, meta, load_plugins(entry_points=False), "md", significance={"metric": "pcc", "baseline": "c"})
+
+
+def test_the_leaderboard_command_compares_in_files_and_with_a_baseline(tmp_path, capsys):
+    run = _run(tmp_path / "r", {"a": [0.5, 0.4, 0.6, 0.3, 0.55, 0.45], "b": [0.4, 0.3, 0.5, 0.2, 0.45, 0.35]}, 3)
+    out = tmp_path / "t.md"
+    assert main(["leaderboard", str(run), "--output", str(out), "--baseline", "b"]) == 0
+    text = out.read_text()
+    assert "vs baseline" in text and "best = a, baseline = b" in text and "(baseline)" in text
+    assert main(["leaderboard", str(run)]) == 0  # the terminal table stays compact: no comparisons
+    assert "Paired comparison" not in capsys.readouterr().out
+    assert main(["leaderboard", str(run), "--baseline", "zzz"]) == 2
+    assert "--baseline 'zzz' is not a row" in capsys.readouterr().err

@@ -14,6 +14,7 @@ def stbench_register_datasets(register):
             name="her2",
             factory="stbench_plugins.her2.reader:open_her2",
             needs_data_dir=True,
+            source="stbench_plugins.her2.sources:SOURCE",  # stbench data fetch her2
             description="HER2+ breast cancer, legacy ST: 36 sections of 8 patients (A-H), 13,620 spots, "
             "H&E images for C2-C6 only",
             reference="Andersson et al., Nat Commun 12, 6012 (2021), doi:10.1038/s41467-021-26271-2; "
