@@ -25,6 +25,9 @@ import yaml
 
 from stbench.errors import ConfigError
 
+#: where model selection looks (RunConfig.selection); "test_fold" is the sources' leaky protocol
+SELECTIONS = ("inner_val", "test_fold")
+
 DEFAULT_METRICS = [
     "pcc", "ccc", "mae", "mse", "rvd", "rvd_triplex",
     "pcc_pooled", "pcc@10_posthoc", "pcc@50_posthoc", "pcc@200_posthoc",

@@ -287,13 +287,27 @@ def settings_lines(meta: dict, plugins) -> list[str]:
     return lines
 
 
+def leaky_choices(protocol: dict) -> list[str]:
+    """The protocol choices of the sources that let test data into training or selection, as the
+    header states them (the protocol study turns them on one at a time)."""
+    out = []
+    if protocol.get("smoothing", "none") != "none":
+        out.append(f"targets smoothed ({protocol['smoothing']}) before prompts are drawn, so prompt values carry "
+                   "their non-prompt neighbours' expression")
+    if protocol.get("selection", "inner_val") == "test_fold":
+        out.append("model selection (checkpoint, penalty, early stopping) on the test slides themselves")
+    return out
+
+
 def header_line(meta: dict) -> str:
     p = meta["protocol"]
     v = meta["versions"]
     panel = p.get("panel", {})
     panel_text = (f"panel {panel.get('file')}" if panel.get("file") else
                   f"panel {panel.get('hvg')} HVGs per fold (training sections)" if panel.get("hvg") else
-                  f"panel {panel.get('hmhvg')} HMHVGs per fold (training sections)" if panel.get("hmhvg") else "dataset panel")
+                  f"panel {panel.get('hmhvg')} HMHVGs per fold (training sections)" if panel.get("hmhvg") else
+                  f"panel {panel.get('top_expressed')} most expressed genes per fold (training sections)" if panel.get("top_expressed") else
+                  "dataset panel")
     prompt = p.get("prompt", {})
     ft = p.get("finetune", {})
     finetune = (f"; methods that allow it are fine-tuned on each test slide's prompts ({ft.get('epochs')} epochs)"
@@ -305,6 +319,7 @@ def header_line(meta: dict) -> str:
         finetune += (f"; image features: encoder {enc.get('name')}{label}, weights {enc.get('weights_id')}, "
                      f"{p.get('images', {}).get('spot_um')} µm patches at {enc.get('input_size')} px")
     caveats = "".join(f" Caveat: {c}." for c in p.get("caveats") or [])
+    caveats += "".join(f" LEAKY: {text}." for text in leaky_choices(p))
     return (
         f"stbench leaderboard: benchmark {p.get('benchmark')} v{p.get('version')}, dataset {p.get('dataset')}, "
         f"split {p.get('split')} (protocol level {p.get('protocol_level')}), {panel_text}, "

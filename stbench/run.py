@@ -11,6 +11,7 @@ import datetime as _dt
 import functools
 import hashlib
 import importlib.metadata
+import inspect
 import json
 import os
 import platform
@@ -29,8 +30,8 @@ from stbench import atomic
 from stbench import config as cfg
 from stbench.lock import RunLock
 from stbench.benchmark import panel_path
-from stbench.data.expression import (UNITS, high_mean_high_variance_genes, highly_variable_genes, make_slide,
-                                     read_panel_file)
+from stbench.data.expression import (UNITS, check_smoothing, high_mean_high_variance_genes, highly_variable_genes,
+                                     make_slide, read_panel_file, top_expressed_genes)
 from stbench.data.checks import load_checked
 from stbench.data.model import Section, SectionInfo, Slide
 from stbench.errors import ConfigError, DataError
@@ -104,6 +105,9 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     from stbench.data.expression import normaliser
 
     normaliser(config.normalisation)
+    check_smoothing(config.smoothing)
+    if config.selection not in cfg.SELECTIONS:
+        raise ConfigError(f"unknown selection {config.selection!r} (key selection); choose one of {', '.join(cfg.SELECTIONS)}")
     for name, mconf in methods.items():  # a method rejects bad settings when built: before anything is written
         built = plugins.methods.load(name)(copy.deepcopy(mconf))
         if save_models and not type(built).supports_save():
@@ -149,7 +153,10 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
         sspec = plugins.splits.get(config.split)
     params = cfg.build(plugins.splits.load(config.split, "params"), config.split_params, "split_params") if sspec.params else None
     kwargs = vars(params) if params is not None else {}
-    folds = plugins.splits.load(config.split, "func")(sections, config.seed, **kwargs)
+    split_func = plugins.splits.load(config.split, "func")
+    if "base_dir" in inspect.signature(split_func).parameters:  # split files are found beside the definition
+        kwargs["base_dir"] = base_dir
+    folds = split_func(sections, config.seed, **kwargs)
     check_folds(folds, sections, config.protocol_level, config.split)
     plan = Plan(config, methods, Path(out_dir), base_dir, plugins, dataset, sections, folds,
                 save_models=save_models, fit_all=fit_all)
@@ -321,7 +328,7 @@ class SlideStore:
 
     def panel(self, fold: Fold) -> list[str]:
         pconf = self.plan.config.panel
-        if pconf.hvg or pconf.hmhvg:
+        if pconf.hvg or pconf.hmhvg or pconf.top_expressed:
             key = fold.train + fold.val
             if key not in self._fold_panels:  # chosen on the fold's training side only
                 if self._measured_everywhere is None:  # test sections must have the chosen genes
@@ -330,6 +337,8 @@ class SlideStore:
                 training = [self.section(s) for s in key]
                 if pconf.hvg:
                     chosen = highly_variable_genes(training, int(pconf.hvg), candidates=self._measured_everywhere)
+                elif pconf.top_expressed:
+                    chosen = top_expressed_genes(training, int(pconf.top_expressed), candidates=self._measured_everywhere)
                 else:
                     chosen = high_mean_high_variance_genes(training, int(pconf.hmhvg), candidates=self._measured_everywhere)
                 self._fold_panels[key] = chosen
@@ -387,7 +396,8 @@ class SlideStore:
         key = (name, hashlib.sha1("\n".join(genes).encode()).hexdigest())
         if key not in self._slides:
             niche = any("niche_expression" in n for n in self.plan.needs.values())
-            slide = make_slide(self.section(name), genes, self.plan.config.normalisation, niche=niche)
+            slide = make_slide(self.section(name), genes, self.plan.config.normalisation, niche=niche,
+                               smoothing=self.plan.config.smoothing)
             slide.features = self._features.get(name, {})
             slide.patches = self._patches.get(name, {})  # read-only memory maps, shared, never copied
             # shared by every fold and method: read-only, so no plugin can corrupt a later fold's truth
@@ -589,8 +599,10 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     spec = plan.plugins.methods.get(method_name)
     genes = store.panel(fold)
     train = [store.slide(s, genes) for s in fold.train]
-    val = [store.slide(s, genes) for s in fold.val]
     tests = [store.slide(s, genes) for s in fold.test]
+    # selection=test_fold: the sources' protocol (leaky, labelled in every table): the test slides,
+    # unmasked, select the checkpoint / penalty / epoch; the default selects on training patients
+    val = tests if config.selection == "test_fold" else [store.slide(s, genes) for s in fold.val]
     method: Method = plan.plugins.methods.load(method_name)(copy.deepcopy(plan.methods[method_name]))
     _seed_everything(config.seed)  # after building: the factory may be what imports torch
     workdir = plan.out_dir / "work" / method_name / f"fold{fold.index}"

@@ -133,3 +133,48 @@ def test_hvg_panels_are_chosen_on_each_folds_training_sections(spy, tmp_path, mo
         assert not set(training[fold]) & set(f["test"])
     # every fit saw its fold's 20-gene panel
     assert [seen["n_genes"] for kind, _, seen in spy if kind == "fit"] == [20] * len(folds)
+
+
+def test_selection_on_the_test_fold_is_the_one_exemption_and_the_table_says_so(spy, tmp_path, capsys):
+    """The sources' protocol (issue 13's protocol study): with selection=test_fold the test slides,
+    unmasked, are the validation set; nothing else changes, and every table labels it leaky."""
+    out = tmp_path / "leaky"
+    assert main(["run", "--methods", "spy", "--out", str(out), "--quiet", "--set", "selection=test_fold", *SMALL]) == 0
+    folds = _folds(out)
+    for _, fold, seen in (c for c in spy if c[0] == "fit"):
+        assert seen["val"] == sorted(folds[fold]["test"])  # the exemption
+        assert not set(seen["train"]) & set(folds[fold]["test"])  # training still never sees them
+    for _, _, seen in (c for c in spy if c[0] == "predict"):
+        assert seen["is_masked"] and seen["expr_is_none"]
+    table = " ".join(capsys.readouterr().out.split())  # the terminal header is wrapped
+    assert "LEAKY: model selection (checkpoint, penalty, early stopping) on the test slides themselves" in table
+    assert main(["run", "--methods", "spy", "--out", str(tmp_path / "bad"), "--quiet", "--set", "selection=test"]) == 2
+    assert "unknown selection 'test' (key selection); choose one of inner_val, test_fold" in capsys.readouterr().err
+
+
+def test_top_expressed_panels_are_chosen_on_each_folds_training_sections(spy, tmp_path, monkeypatch):
+    chosen_on = []
+    real = stbench.run.top_expressed_genes
+
+    def recording(sections, n_top, *args, **kwargs):
+        chosen_on.append(sorted(s.name for s in sections))
+        return real(sections, n_top, *args, **kwargs)
+
+    monkeypatch.setattr(stbench.run, "top_expressed_genes", recording)
+    out = tmp_path / "top"
+    assert main(["run", "--methods", "spy", "--out", str(out), "--quiet", "--set", "panel.top_expressed=15", *SMALL]) == 0
+    folds = _folds(out)
+    assert sorted(map(tuple, chosen_on)) == sorted({tuple(sorted(f["train"] + f["val"])) for f in folds.values()})
+    assert [seen["n_genes"] for kind, _, seen in spy if kind == "fit"] == [15] * len(folds)
+
+
+def test_smoothed_targets_are_scored_and_labelled_leaky(tmp_path, capsys):
+    import pandas as pd
+
+    out = tmp_path / "smooth"
+    assert main(["run", "--methods", "mean", "--out", str(out), "--quiet", "--set", "smoothing=grid3x3", *SMALL]) == 0
+    assert "LEAKY: targets smoothed (grid3x3) before prompts are drawn" in " ".join(capsys.readouterr().out.split())
+    assert main(["run", "--methods", "mean", "--out", str(tmp_path / "plain"), "--quiet", *SMALL]) == 0
+    a = pd.read_csv(out / "results.csv")["mae"].to_numpy()
+    b = pd.read_csv(tmp_path / "plain" / "results.csv")["mae"].to_numpy()
+    assert (a < b).all()  # smoothing removes spot noise: the training mean is closer to smoothed targets
