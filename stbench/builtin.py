@@ -74,7 +74,8 @@ def prompt_specs() -> list[PromptSpec]:
     """The four built-in strategies of METHODS.md §9.2."""
     p = "stbench.prompts:"
     return [
-        PromptSpec("random", p + "random_prompts", f"uniform random spots without replacement ({_PROMPT_NOTE})"),
+        PromptSpec("random", p + "random_prompts", f"uniform random spots without replacement ({_PROMPT_NOTE})",
+                   nested_by_subset=True),
         PromptSpec("poisson_disc", p + "poisson_disc_prompts",
                    f"blue-noise spots with a bisected minimum pairwise distance ({_PROMPT_NOTE})"),
         PromptSpec("sparse_square", p + "sparse_square_prompts",

@@ -30,7 +30,9 @@ def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     run.add_argument("--config", help="a YAML file of config keys (overrides the benchmark definition)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override one config key, e.g. --set methods.prompt_knn.k=4 (repeatable)")
-    run.add_argument("--prompt-ratio", type=float, help="share of each test slide's spots given as prompts (benchmark default 0.1)")
+    run.add_argument("--prompt-ratio", metavar="R[,R...]",
+                     help="share of each test slide's spots given as prompts (benchmark default 0.1); several, "
+                          "comma-separated, sweep them in one run (each fold fitted once, predicted at every ratio)")
     run.add_argument("--prompt-strategy", help="prompt strategy (benchmark default random; stbench list prompts)")
     run.add_argument("--seed", type=int, help="seed for splits, prompts and training (benchmark default 0)")
     run.add_argument("--encoder", help="image encoder for methods that need image features (default hefeat; stbench list encoders)")
@@ -133,10 +135,18 @@ def _lazy_arguments(parser: argparse.ArgumentParser, module: str, builder: str) 
     getattr(_lazy_module(module, command), builder)(parser)
 
 
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise StbenchError(f"--prompt-ratio {text!r}: give a number, or comma-separated numbers such as 0.05,0.1,0.2") from None
+
+
 def _shorthands(args) -> dict:
     out: dict = {}
     if args.prompt_ratio is not None:
-        out.setdefault("prompt", {})["ratio"] = args.prompt_ratio
+        ratios = _ratios(args.prompt_ratio)
+        out.setdefault("prompt", {})["ratios" if len(ratios) > 1 else "ratio"] = ratios if len(ratios) > 1 else ratios[0]
     if args.prompt_strategy is not None:
         out.setdefault("prompt", {})["strategy"] = args.prompt_strategy
     if args.seed is not None:

@@ -41,6 +41,11 @@ class PromptConfig:
     ratio: float = 0.1
     #: a registered prompt strategy (stbench list prompts)
     strategy: str = "random"
+    #: a prompt-ratio sweep (e.g. [0.02, 0.05, 0.1, 0.2, 0.4]): every fold is fitted once and predicted at
+    #: each ratio (fine-tuned per ratio with --finetune); every ratio is scored on the same spots, those
+    #: prompted at none of them. Empty: one ratio, ``ratio``. Methods that simulate prompts in training
+    #: are still told ``ratio``.
+    ratios: list = field(default_factory=list)
 
 
 @dataclass

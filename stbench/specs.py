@@ -183,11 +183,16 @@ class PromptSpec:
     Attributes:
         func: ``func(coords, n, rng) -> np.ndarray`` of ``n`` distinct spot indices, where ``coords`` is
             an (N, 2) float array of spot positions and ``rng`` a ``numpy.random.Generator``.
+        nested_by_subset: in a prompt-ratio sweep, a smaller ratio's prompts may be a uniform random
+            subset of the largest ratio's (true of uniform random spots: a random subset of a random
+            sample is a random sample), so the ratios nest. False: each ratio is drawn by ``func``
+            itself, and the sweep reports whether they happen to nest.
     """
 
     name: str
     func: Factory
     description: str = ""
+    nested_by_subset: bool = False
 
 
 @dataclass(frozen=True)
