@@ -7,8 +7,9 @@
   grid units give the same hypergraph); Norm = min-max over all off-diagonal pairs of the slide;
   I = Norm(Sim) + Norm(Pos). Hyperedge e_i = {i} ∪ the k spots j ≠ i with the smallest I (ties go to
   the lower index), weight w_i = 1 − ½·mean_{j∈e_i∖{i}} I(i,j) (in [0,1]; closer means heavier).
-  N ≤ ``exact_limit``: exact, in row chunks (memory O(chunk·N)). Larger slides: O(N·K) memory, exact I
-  evaluated on candidate neighbours only (see the function's docstring).
+  N ≤ ``exact_limit`` (4,000): exact, in row chunks (memory O(chunk·N)). Larger slides: O(N·K) memory,
+  exact I evaluated on candidate neighbours only (see the function's docstring). PHG2ST builds this
+  graph once per slide, on the whole slide, so slides of more than 4,000 spots take the candidate path.
 * :func:`dense_spot_hypergraph`: the same construction from full N×N matrices (reference, benchmark).
 * :func:`code_spot_hypergraph`: the PH2ST code's spot hypergraph (option ``spot_hyperedges="code"``).
 * :func:`neighbour_hypergraphs`: per spot, a weighted hypergraph on its 25 sub-patch nodes (§8.2 (4)).

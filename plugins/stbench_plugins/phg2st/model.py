@@ -131,18 +131,30 @@ class PHG2ST(Method):
         t_s = self.net.encode_spots(state.spot[t["inputs"]], t["edges"], t["weights"], t["grid"], t["n_local"])
         return t_s[: len(state.parts[i].core)]
 
-    def _neighbour_tokens(self, states_and_spots):
-        """T_n and the key masks of spots given as [(state, spot indices), ...], in that order."""
+    def _neighbour_tokens(self, states_and_spots, graph=None):
+        """T_n and the key masks of spots given as [(state, spot indices), ...], in that order;
+        ``graph``: their neighbour hypergraphs when already built."""
         nb = torch.cat([s.nb[torch.from_numpy(idx).to(self.device)] for s, idx in states_and_spots])
         mask = torch.cat([s.nb_mask[torch.from_numpy(idx).to(self.device)] for s, idx in states_and_spots])
-        raw = torch.cat([s.nb_raw[torch.from_numpy(idx)] for s, idx in states_and_spots])
-        edges, weights = self._neighbour_graph(raw, mask.cpu()) if self.net.nb_hg is not None else (None, None)
-        return self.net.encode_neighbours(nb, mask, edges, weights), mask
+        if self.net.nb_hg is None:
+            return self.net.encode_neighbours(nb, mask, None, None), mask
+        if graph is None:
+            raw = torch.cat([s.nb_raw[torch.from_numpy(idx)] for s, idx in states_and_spots])
+            graph = self._neighbour_graph(raw, mask.cpu())
+        return self.net.encode_neighbours(nb, mask, *graph), mask
+
+    def _part_neighbour_graph(self, state: SlideState, i: int):
+        """The neighbour hypergraphs of part ``i``'s core, built at its first use and kept."""
+        t = state.tensors[i]
+        if "nb_graph" not in t and self.net.nb_hg is not None:
+            core = torch.from_numpy(state.parts[i].core)
+            t["nb_graph"] = self._neighbour_graph(state.nb_raw[core], state.nb_mask.cpu()[core])
+        return t.get("nb_graph")
 
     def _forward_part(self, state: SlideState, i: int, y_masked: np.ndarray):
         """p_Z and the branch predictions of the core spots of part ``i``; ``y_masked``: their rows."""
         t_s = self._spot_tokens(state, i)
-        t_n, mask = self._neighbour_tokens([(state, state.parts[i].core)])
+        t_n, mask = self._neighbour_tokens([(state, state.parts[i].core)], self._part_neighbour_graph(state, i))
         return self.net.fuse(t_s, t_n, mask, torch.from_numpy(y_masked).to(self.device))
 
     def _forward_spots(self, groups, y_masked: np.ndarray):
