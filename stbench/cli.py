@@ -245,6 +245,15 @@ def cmd_leaderboard(args) -> int:
     if args.output:
         atomic.write_text(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)
+        if meta.get("sweep"):  # a prompt-ratio sweep: its picture beside the table
+            from stbench.plots import ratio_sweep
+
+            png = Path(args.output).with_suffix(".sweep.png")
+            sweep = meta["sweep"]
+            ratio_sweep({m: by["pcc"] for m, by in sweep["table"].items()}, png,
+                        title=f"PCC against prompt ratio, {meta['protocol'].get('benchmark')} (non-prompt spots: those "
+                              f"prompted at no ratio)")
+            print(f"wrote {png}", file=sys.stderr)
     else:
         print(text, end="")
     return 0

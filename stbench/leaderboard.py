@@ -57,6 +57,7 @@ def _read_run(run_dir: Path) -> dict:
         "folds": _read_rows(run_dir / "fold_results.csv"),
         "run": json.loads((run_dir / "run.json").read_text()),
         "versions": versions,
+        "prompts": json.loads((run_dir / "prompts.json").read_text()) if (run_dir / "prompts.json").exists() else {},
     }
 
 
@@ -124,10 +125,15 @@ def summary_rows(run_dirs: list[Path], columns=None) -> tuple[list[dict], dict]:
     columns = columns or DEFAULT_COLUMNS
     rows = []
     configs: dict[str, list[dict]] = {}  # method -> the hyperparameters of each of its rows
+    sweep = _sweep_ratios(runs)
+    headline = None
+    if sweep:  # a prompt-ratio sweep: the main table at the benchmark's ratio (else the largest)
+        stated = float((protocol.get("prompt") or {}).get("ratio", sweep[-1]))
+        headline = stated if stated in sweep else sweep[-1]
     for run in runs:
         for method in dict.fromkeys(r["method"] for r in run["results"]):
-            res = [r for r in run["results"] if r["method"] == method]
-            folds = [r for r in run["folds"] if r["method"] == method]
+            res = [r for r in run["results"] if r["method"] == method and _at(r, headline)]
+            folds = [r for r in run["folds"] if r["method"] == method and _at(r, headline)]
             config = run["run"].get("methods", {}).get(method, {})
             if config in configs.get(method, []):
                 raise ConfigError(f"method {method} with the same settings appears in more than one run directory")
@@ -159,6 +165,10 @@ def summary_rows(run_dirs: list[Path], columns=None) -> tuple[list[dict], dict]:
         raise ConfigError("the runs used different image encoders; a leaderboard compares one feature set")
     meta = {"protocol": protocol, "versions": runs[0]["versions"], "runs": [str(r["dir"]) for r in runs],
             "encoder": json.loads(encoders.pop()) if encoders else None, "configs": configs}
+    if sweep:
+        meta["sweep"] = {"ratios": sweep, "headline": headline, "table": sweep_table(runs, sweep, rows),
+                         "nested": all(r["prompts"].get("nested", False) for r in runs),
+                         "strategy": (protocol.get("prompt") or {}).get("strategy")}
     for row in rows:
         del row["config"]
     return rows, meta
@@ -188,6 +198,36 @@ def columns_with(published=None) -> list:
                 columns.append((ours, label))
                 have.add(ours)
     return columns
+
+
+def _sweep_ratios(runs: list[dict]) -> list[float]:
+    """The prompt ratios of a sweep run (results have a ``prompt_ratio`` column), else []."""
+    ratios = {float(r["prompt_ratio"]) for run in runs for r in run["results"] if r.get("prompt_ratio") not in (None, "")}
+    return sorted(ratios)
+
+
+def _at(row: dict, ratio: Optional[float]) -> bool:
+    return ratio is None or float(row.get("prompt_ratio") or "nan") == ratio
+
+
+#: the metrics of the sweep table: (column, label)
+SWEEP_COLUMNS = [("pcc", "PCC"), ("mae", "MAE")]
+
+
+def sweep_table(runs: list[dict], ratios: list[float], rows: list[dict]) -> dict:
+    """Per table row (label as in the main table), per metric and ratio: mean, std, folds, slides.
+    Every ratio is scored on the same spots (those prompted at none), so the columns compare."""
+    out: dict = {}
+    labels = iter([r["method"] for r in rows])
+    for run in runs:
+        for method in dict.fromkeys(r["method"] for r in run["results"]):
+            label = next(labels)
+            for col, _ in SWEEP_COLUMNS:
+                for ratio in ratios:
+                    res = [r for r in run["results"] if r["method"] == method and _at(r, ratio)]
+                    folds = [r for r in run["folds"] if r["method"] == method and _at(r, ratio)]
+                    out.setdefault(label, {}).setdefault(col, {})[ratio] = _column_stats(res, folds, col)
+    return out
 
 
 def summarise(run_dirs: list[Path], columns=None):
@@ -345,6 +385,31 @@ def _cell(row, col: str, digits: int = 3) -> str:
     return text
 
 
+def _sweep_parts(meta: dict, rows: list[dict]) -> tuple[list, list, list]:
+    """The prompt-ratio sweep table (headers, body) and its notes; empty without a sweep."""
+    sweep = meta.get("sweep")
+    if not sweep:
+        return [], [], []
+    ratios = sweep["ratios"]
+    labels = ["method"] + [f"{label} @ {r:g}" for col, label in SWEEP_COLUMNS for r in ratios]
+    body = []
+    for row in rows:
+        by = sweep["table"].get(row["method"], {})
+        cells = [row["method"]]
+        for col, _ in SWEEP_COLUMNS:
+            for r in ratios:
+                st = by.get(col, {}).get(r)
+                cells.append("-" if st is None else _cell({**{f"{col}:{k}": v for k, v in st.items()},
+                                                           "slides": st["slides"] or 0, "folds": st["folds"]}, col))
+        body.append(cells)
+    nesting = ("nested (each ratio's prompts are a subset of the next larger one's)" if sweep["nested"] else
+               f"NOT nested: strategy {sweep['strategy']} draws each ratio with its own construction")
+    notes = [f"Prompt-ratio sweep over {', '.join(f'{r:g}' for r in ratios)}: each fold fitted once and predicted at "
+             f"every ratio; every ratio scored on the same spots, those prompted at none of them (so the main table, "
+             f"at ratio {sweep['headline']:g}, is not comparable with a run at that ratio alone); prompts {nesting}."]
+    return labels, body, notes
+
+
 def _published_cell(row: dict, col: str, digits: int = 3) -> str:
     mean, std = row.get(f"{col}:mean", math.nan), row.get(f"{col}:std", math.nan)
     if math.isnan(mean):
@@ -396,7 +461,12 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
     header = header_line(meta)
     if fmt == "csv":
         preset = [f"Preset: {meta['protocol']['preset']}."] if meta["protocol"].get("preset") else []
-        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins) + sig_notes + published_notes)
+        for row in rows:
+            for col, by_ratio in meta.get("sweep", {}).get("table", {}).get(row["method"], {}).items():
+                for ratio, st in by_ratio.items():
+                    row[f"{col}@ratio{ratio:g}:mean"], row[f"{col}@ratio{ratio:g}:std"] = st["mean"], st["std"]
+        notes = "".join(f"# {line}\n" for line in preset + settings_lines(meta, plugins) + sig_notes + published_notes
+                        + _sweep_parts(meta, rows)[2])
         return f"# {header}\n" + notes + _csv_table(rows + [{**r, "published": True} for r in extra_rows])
     from tabulate import tabulate
 
@@ -420,6 +490,7 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
     if any(r.get("missing", 0) for r in rows):
         notes.append(MISSING_NOTE)
     notes += published_notes
+    sweep_labels, sweep_body, sweep_notes = _sweep_parts(meta, rows)
     sig_labels, sig_body = ["method", "vs best: Δ [95% CI] n p"], []
     if sig_notes:
         keys = ["best"] + (["baseline"] if significance.get("baseline") else [])
@@ -430,6 +501,9 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
         if compact:  # for a terminal: the header wrapped, the table narrow
             header = textwrap.fill(header, width=120)
         footer = "".join(f"\n{line}\n" for line in notes)
+        if sweep_body:
+            footer += ("\n" + tabulate(sweep_body, headers=sweep_labels, tablefmt="github", disable_numparse=True) + "\n"
+                       + "".join(f"\n{line}\n" for line in sweep_notes))
         if sig_body:
             footer += ("\n" + tabulate(sig_body, headers=sig_labels, tablefmt="github", disable_numparse=True) + "\n"
                        + "".join(f"\n{line}\n" for line in sig_notes))
@@ -438,6 +512,9 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
         import html
 
         footer = "".join(f"<p>{html.escape(line)}</p>\n" for line in notes)
+        if sweep_body:
+            footer += (tabulate(sweep_body, headers=sweep_labels, tablefmt="html", disable_numparse=True) + "\n"
+                       + "".join(f"<p>{html.escape(line)}</p>\n" for line in sweep_notes))
         if sig_body:
             footer += (tabulate(sig_body, headers=sig_labels, tablefmt="html", disable_numparse=True) + "\n"
                        + "".join(f"<p>{html.escape(line)}</p>\n" for line in sig_notes))
@@ -450,6 +527,10 @@ def render(table, meta: dict, plugins, fmt: str = "md", columns=None, compact: b
     latex_labels = [lbl.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("_", r"\_")
                     for lbl in labels]
     footer = "".join(f"% {line}\n" for line in notes)
+    if sweep_body:
+        footer += (tabulate([[str(c).replace("±", r"$\pm$").replace("_", r"\_") for c in r] for r in sweep_body],
+                            headers=sweep_labels, tablefmt="latex_raw", disable_numparse=True) + "\n"
+                   + "".join(f"% {line}\n" for line in sweep_notes))
     if sig_body:
         body_tex = [[c.replace("≈", r"$\approx$").replace("_", r"\_") for c in r] for r in sig_body]
         footer += (tabulate(body_tex, headers=[lbl.replace("Δ", r"$\Delta$") for lbl in sig_labels], tablefmt="latex_raw",

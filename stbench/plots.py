@@ -194,6 +194,40 @@ def pcc_distribution(per_gene: Mapping[str, object], out_path, *, title: str,
     return _save(fig, out_path, [f"pcc|{m}" for m in methods])
 
 
+def ratio_sweep(table: Mapping[str, Mapping[float, Mapping[str, float]]], out_path, *, title: str,
+                metric_label: str = "PCC") -> Path:
+    """Write a PNG of a prompt-ratio sweep: per method (``table``: method -> ratio -> {"mean", "std"}), the
+    metric against the prompt ratio, mean over folds with ± std as a band. Methods whose metric is
+    undefined at every ratio are listed in the legend as such. Returns ``out_path``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.0, 4.8), dpi=DPI)
+    ax = fig.add_subplot()
+    ax.set_label("ratio-sweep")
+    panels = []
+    for method, by_ratio in table.items():
+        ratios = sorted(by_ratio)
+        mean = np.array([by_ratio[r]["mean"] for r in ratios], dtype=np.float64)
+        std = np.nan_to_num(np.array([by_ratio[r]["std"] for r in ratios], dtype=np.float64))
+        if not np.isfinite(mean).any():
+            ax.plot([], [], color="0.6", linestyle=":", label=f"{method} (undefined)")
+            continue
+        line, = ax.plot(ratios, mean, marker="o", label=method)
+        ax.fill_between(ratios, mean - std, mean + std, color=line.get_color(), alpha=0.15, linewidth=0)
+        panels.append(f"sweep|{method}")
+    ax.set_xscale("log")
+    all_ratios = sorted({r for by in table.values() for r in by})
+    ax.set_xticks(all_ratios, [f"{r:g}" for r in all_ratios])
+    ax.minorticks_off()
+    ax.set_xlabel("prompt ratio (share of each test slide's spots measured)")
+    ax.set_ylabel(f"{metric_label} (mean ± std over folds)")
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=8, frameon=False)
+    fig.suptitle(_wrap(title, fig.get_figwidth()), fontsize=9)
+    fig.subplots_adjust(top=0.82, bottom=0.12, left=0.12, right=0.98)
+    return _save(fig, out_path, panels)
+
+
 def _wrap(title: str, width_in: float) -> str:
     """Each line of ``title`` wrapped to the figure's width (about 13 characters per inch at 9 pt)."""
     import textwrap
@@ -363,6 +397,10 @@ def plot_run(run_dir, out_dir=None, genes: Optional[Sequence[str]] = None, slide
     record = _read_json(run_dir / "run.json")
     constant = set(record.get("constant_predictors", []))
     files = sorted((run_dir / "predictions").glob("*/*.h5ad"))
+    if config.prompt.ratios:  # a prompt-ratio sweep: the maps at the leaderboard's headline ratio
+        ratios = sorted(float(r) for r in config.prompt.ratios)
+        headline = float(config.prompt.ratio) if float(config.prompt.ratio) in ratios else ratios[-1]
+        files = sorted((run_dir / "predictions").glob(f"*/ratio{headline:g}/*.h5ad"))
     if methods:
         known = sorted({p.parent.name for p in files})
         unknown = [m for m in methods if m not in known]

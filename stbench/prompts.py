@@ -525,3 +525,32 @@ def builtin_prompt_specs() -> list:
     from stbench.builtin import prompt_specs
 
     return [dataclasses.replace(spec, func=resolve(spec.func)) for spec in prompt_specs()]
+
+
+def sweep_prompts(spec, coords: np.ndarray, ratios, slide_name: str, seed: int) -> dict[float, np.ndarray]:
+    """The prompt spots of one slide at each ratio of a sweep: ratio -> sorted indices.
+
+    The largest ratio's prompts are :func:`select_prompts`'s (the same as a run at that ratio alone).
+    With a strategy whose spec says ``nested_by_subset`` (uniform random spots), each smaller ratio
+    takes a uniform random subset of them, drawn from a generator of its own (seeded by slide, seed
+    and ratio), so the ratios nest. Other strategies draw each ratio with their own construction;
+    :func:`nested` says whether the result happens to nest.
+    """
+    ratios = sorted({float(r) for r in ratios})
+    largest = select_prompts(spec.func, coords, ratios[-1], slide_name, seed)
+    out = {ratios[-1]: largest}
+    # one random order of the largest ratio's prompts; each smaller ratio takes its first n, so every
+    # ratio's prompts are a uniform random subset of the next larger one's
+    order = prompt_rng(f"{slide_name}#sweep", seed).permutation(largest)
+    for ratio in ratios[:-1]:
+        if getattr(spec, "nested_by_subset", False):
+            out[ratio] = np.sort(order[: n_prompts(len(coords), ratio)]).astype(np.int64)
+        else:
+            out[ratio] = select_prompts(spec.func, coords, ratio, slide_name, seed)
+    return dict(sorted(out.items()))
+
+
+def nested(sets: dict[float, np.ndarray]) -> bool:
+    """Whether each ratio's prompts are a subset of every larger ratio's."""
+    ordered = [set(map(int, sets[r])) for r in sorted(sets)]
+    return all(a <= b for a, b in zip(ordered, ordered[1:]))

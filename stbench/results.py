@@ -44,15 +44,17 @@ class RunDir:
     def part(self, method: str, fold: int, kind: str) -> Path:
         return self.root / "parts" / method / f"fold{fold}.{kind}.csv"
 
-    def prediction(self, method: str, slide: str, fold: int, unique: bool) -> Path:
-        # a slide tested in several folds (random splits) gets one file per fold
+    def prediction(self, method: str, slide: str, fold: int, unique: bool, ratio: Optional[float] = None) -> Path:
+        # a slide tested in several folds (random splits) gets one file per fold; a prompt-ratio sweep
+        # one folder per ratio
         name = f"{slide}.h5ad" if unique else f"{slide}.fold{fold}.h5ad"
-        return self.root / "predictions" / method / name
+        folder = self.root / "predictions" / method
+        return (folder / f"ratio{ratio:g}" / name) if ratio is not None else folder / name
 
     def is_done(self, method: str, fold: int) -> bool:
-        """Complete: both part files exist and parse, with one fold row and at least one slide row. A
-        part damaged by a crash counts as not done, so the unit runs again."""
-        return (_csv_rows(self.part(method, fold, "fold")) == 1
+        """Complete: both part files exist and parse, with a fold row (one per prompt ratio) and at least
+        one slide row. A part damaged by a crash counts as not done, so the unit runs again."""
+        return (_csv_rows(self.part(method, fold, "fold")) >= 1
                 and _csv_rows(self.part(method, fold, "slides")) >= 1)
 
     # writers -----------------------------------------------------------------------------------
@@ -63,14 +65,15 @@ class RunDir:
         path = self.root / name
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
-    def write_unit(self, method: str, fold: int, slide_rows: list[dict], fold_row: dict,
+    def write_unit(self, method: str, fold: int, slide_rows: list[dict], fold_rows: list[dict],
                    versions: Optional[dict] = None) -> None:
-        """Record one method x fold. The fold file is written last: its presence means "done"."""
+        """Record one method x fold (one fold row per prompt ratio). The fold file is written last: its
+        presence means "done"."""
         atomic.write_text(self.part(method, fold, "slides"), _to_csv(slide_rows))
         if versions is not None:
             path = self.root / "parts" / method / f"fold{fold}.versions.json"
             atomic.write_text(path, json.dumps(versions, indent=2, default=str) + "\n")
-        atomic.write_text(self.part(method, fold, "fold"), _to_csv([fold_row]))
+        atomic.write_text(self.part(method, fold, "fold"), _to_csv(list(fold_rows)))
 
     def append_versions(self, invocation: dict) -> None:
         """versions.json: the latest invocation's record at the top level (what tables print) and every
@@ -88,11 +91,11 @@ class RunDir:
         slides, folds = [], []
         for fold_file in sorted((self.root / "parts").glob("*/fold*.fold.csv")):
             slide_file = fold_file.with_name(fold_file.name.replace(".fold.csv", ".slides.csv"))
-            if not (_csv_rows(fold_file) == 1 and _csv_rows(slide_file) >= 1):
+            if not (_csv_rows(fold_file) >= 1 and _csv_rows(slide_file) >= 1):
                 continue  # damaged by a crash: the unit is not done and runs again
             folds += _read_csv(fold_file)
             slides += _read_csv(slide_file)
-        order = lambda r: (r["method"], int(r["fold"]), r.get("slide", ""))  # noqa: E731
+        order = lambda r: (r["method"], int(r["fold"]), float(r.get("prompt_ratio") or 0), r.get("slide", ""))  # noqa: E731
         slides.sort(key=order)
         folds.sort(key=order)
         atomic.write_text(self.root / "results.csv", _to_csv(slides, ID_COLUMNS))

@@ -38,7 +38,7 @@ from stbench.errors import ConfigError, DataError
 from stbench.method import FinetuneSettings, FitContext, Method
 from stbench.metrics import MetricValue
 from stbench.plugins import Plugins
-from stbench.prompts import check_prompt_counts, n_prompts, select_prompts
+from stbench.prompts import check_prompt_counts, n_prompts, nested, sweep_prompts
 from stbench import models
 from stbench.results import RunDir, write_prediction
 from stbench.splits import Fold, check_folds
@@ -98,7 +98,8 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
     for name in config.metrics:
         plugins.metrics.get(name, "config key metrics")
     plugins.prompts.get(config.prompt.strategy, "option --prompt-strategy / key prompt.strategy")
-    n_prompts(100, config.prompt.ratio)  # validates the ratio with the one shared message
+    for ratio in test_ratios(config):
+        n_prompts(100, ratio)  # validates each ratio with the one shared message
     if sum(bool(x) for x in (config.panel.file, config.panel.hvg, config.panel.hmhvg)) > 1:
         raise ConfigError("panel: give one of file, hvg or hmhvg, not several")
 
@@ -515,12 +516,14 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     _check_same_data(run, plan, panels, data)
     test_names = sorted({s for f in plan.folds for s in f.test})
     unique_test = sum(len(f.test) for f in plan.folds) == len(test_names)
-    check_prompt_counts({n: store.section(n).n_spots for n in test_names}, config.prompt.ratio)
-    strategy = plan.plugins.prompts.load(config.prompt.strategy, "func")
-    prompts: dict[str, np.ndarray] = {}
+    ratios = test_ratios(config)
+    check_prompt_counts({n: store.section(n).n_spots for n in test_names}, min(ratios))
+    strategy = plan.plugins.prompts.get(config.prompt.strategy)
+    # slide -> ratio -> prompt indices (one ratio unless prompt.ratios sweeps several)
+    prompts: dict[str, dict[float, np.ndarray]] = {}
     for name in test_names:
         positions = store.section(name).positions_um()
-        prompts[name] = select_prompts(strategy, positions, config.prompt.ratio, name, config.seed)
+        prompts[name] = sweep_prompts(strategy, positions, ratios, name, config.seed)
     tty = sys.stderr.isatty()
     progress = None
     if verbose:
@@ -563,10 +566,13 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
                   "plugins": {i.name: i.package for i in plan.plugins.infos.values()},
                   "units": [f"{m}/fold{f.index}" for m, f in todo] + [f"{m}/{models.ALL}" for m in fit_all]}
     run.append_versions(invocation)
-    run.write_json("prompts.json", {
-        "strategy": config.prompt.strategy, "ratio": config.prompt.ratio, "seed": config.seed,
-        "slides": {n: [str(store.section(n).spot_ids[i]) for i in idx] for n, idx in prompts.items()},
-    })
+    ids = lambda n, idx: [str(store.section(n).spot_ids[i]) for i in idx]  # noqa: E731
+    record_prompts = {"strategy": config.prompt.strategy, "ratio": max(ratios), "seed": config.seed,
+                      "slides": {n: ids(n, sets[max(ratios)]) for n, sets in prompts.items()}}
+    if config.prompt.ratios:  # the sweep: every ratio's prompts, and whether they nest
+        record_prompts["sweep"] = {str(r): {n: ids(n, sets[r]) for n, sets in prompts.items()} for r in ratios}
+        record_prompts["nested"] = all(nested(sets) for sets in prompts.values())
+    run.write_json("prompts.json", record_prompts)
 
     bar = None
     if verbose and tty and todo:
@@ -579,8 +585,8 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
             bar.set_postfix_str(f"{method_name} fold {fold.index + 1}/{len(plan.folds)}")
         if progress and bar is None:
             progress(f"{method_name}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})")
-        slide_rows, fold_row = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test, device)
-        run.write_unit(method_name, fold.index, slide_rows, fold_row, invocation)
+        slide_rows, fold_rows = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test, device)
+        run.write_unit(method_name, fold.index, slide_rows, fold_rows, invocation)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -615,39 +621,56 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
     finetune = config.finetune.enabled and spec.finetune and type(method).supports_finetune()
     settings = FinetuneSettings(epochs=config.finetune.epochs, lr=config.finetune.lr, seed=config.seed)
 
-    slide_rows, preds_np, truths_np, preds_all, truths_all = [], [], [], [], []
+    sweep = bool(config.prompt.ratios)
+    ratios = test_ratios(config)
+    slide_rows = []
+    pooled = {r: ([], [], [], []) for r in ratios}  # ratio -> scored preds, truths; all-spot preds, truths
     slide_metrics = [m for m in metric_specs if m.level == "slide"]
     for slide in tests:
-        idx = prompts[slide.name]
-        masked = slide.masked(idx)
-        model = method
-        if finetune:
-            model = copy.deepcopy(method)  # the fold's model stays untouched for the next slide
-            _seed_everything(config.seed)
-            model.finetune(masked, settings)
-        pred = checked_prediction(model.predict(masked), method_name, masked)
-        is_prompt = masked.prompt_mask()
-        scored = ~is_prompt
-        row = {"method": method_name, "fold": fold.index, "slide": slide.name, "patient": slide.patient,
-               "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
-               "finetuned": bool(finetune)}
-        row.update(score_slide(plan.plugins, spec, slide_metrics, pred, slide.expr, is_prompt))
-        slide_rows.append(row)
-        preds_np.append(pred[scored]); truths_np.append(slide.expr[scored])
-        preds_all.append(pred); truths_all.append(slide.expr)
-        write_prediction(run.prediction(method_name, slide.name, fold.index, unique_test), slide, pred, is_prompt,
-                         fold.index, method_name, UNITS[config.normalisation])
+        # every ratio of a sweep is scored on the same spots: those prompted at none of them
+        never_prompted = np.ones(slide.n_spots, dtype=bool)
+        for idx in prompts[slide.name].values():
+            never_prompted[idx] = False
+        for ratio, idx in prompts[slide.name].items():
+            masked = slide.masked(idx)
+            model = method
+            if finetune:
+                model = copy.deepcopy(method)  # the fold's model stays untouched for the next slide / ratio
+                _seed_everything(config.seed)
+                model.finetune(masked, settings)
+            pred = checked_prediction(model.predict(masked), method_name, masked)
+            is_prompt = masked.prompt_mask()
+            scored = never_prompted
+            row = {"method": method_name, "fold": fold.index, "slide": slide.name, "patient": slide.patient,
+                   **({"prompt_ratio": ratio} if sweep else {}),
+                   "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
+                   "finetuned": bool(finetune)}
+            row.update(score_slide(plan.plugins, spec, slide_metrics, pred, slide.expr, is_prompt, scored))
+            slide_rows.append(row)
+            for store_list, value in zip(pooled[ratio], (pred[scored], slide.expr[scored], pred, slide.expr)):
+                store_list.append(value)
+            write_prediction(run.prediction(method_name, slide.name, fold.index, unique_test, ratio if sweep else None),
+                             slide, pred, is_prompt, fold.index, method_name, UNITS[config.normalisation])
 
     train_mean = np.concatenate([s.expr for s in train]).mean(axis=0)
     fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
-    fold_row = {"method": method_name, "fold": fold.index, "test_slides": ",".join(fold.test),
-                "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
-                "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": git_revision()}
-    for m in (m for m in metric_specs if m.level == "fold"):
-        func = plan.plugins.metrics.load(m.name, "func")
-        fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx), spec, m))
-        fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx), spec, m))
-    return slide_rows, fold_row
+    fold_rows = []
+    for ratio, (preds_np, truths_np, preds_all, truths_all) in pooled.items():
+        fold_row = {"method": method_name, "fold": fold.index, **({"prompt_ratio": ratio} if sweep else {}),
+                    "test_slides": ",".join(fold.test),
+                    "test_patients": ",".join(sorted({s.patient for s in tests})), "n_genes": len(genes),
+                    "fit_summary": json.dumps(method.summary(), default=str), "stbench_git": git_revision()}
+        for m in (m for m in metric_specs if m.level == "fold"):
+            func = plan.plugins.metrics.load(m.name, "func")
+            fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx), spec, m))
+            fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx), spec, m))
+        fold_rows.append(fold_row)
+    return slide_rows, fold_rows
+
+
+def test_ratios(config: cfg.RunConfig) -> list[float]:
+    """The prompt ratios a run predicts at: the sweep's (sorted), else the one ratio."""
+    return sorted({float(r) for r in config.prompt.ratios}) if config.prompt.ratios else [float(config.prompt.ratio)]
 
 
 def checked_prediction(pred, method_name: str, slide: Slide) -> np.ndarray:
@@ -661,10 +684,12 @@ def checked_prediction(pred, method_name: str, slide: Slide) -> np.ndarray:
     return pred
 
 
-def score_slide(plugins: Plugins, spec, metric_specs, pred: np.ndarray, truth: np.ndarray, is_prompt: np.ndarray) -> dict:
+def score_slide(plugins: Plugins, spec, metric_specs, pred: np.ndarray, truth: np.ndarray, is_prompt: np.ndarray,
+                scored: Optional[np.ndarray] = None) -> dict:
     """The slide metric columns of results.csv (shared by ``stbench run`` and ``stbench predict``): each
-    slide-level metric on the non-prompt spots, then ``<metric>_all`` on every spot."""
-    scored = ~np.asarray(is_prompt, dtype=bool)
+    slide-level metric on the non-prompt spots (or ``scored``: in a prompt-ratio sweep, the spots
+    prompted at no ratio), then ``<metric>_all`` on every spot."""
+    scored = ~np.asarray(is_prompt, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
     slide_level = [m for m in metric_specs if m.level == "slide"]
     row: dict = {}
     for m in slide_level:
