@@ -68,8 +68,10 @@ def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND")
     check = dsub.add_parser("check", help="a QC summary of a dataset")
-    check.add_argument("name")
+    check.add_argument("name", help="a dataset (stbench list datasets) or a benchmark definition (e.g. cscc_hest)")
     check.add_argument("--data-dir")
+    check.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key as for a run, e.g. --set dataset_options.where.organ=Skin")
     check.add_argument("--out", help="folder for the overview PNGs (default runs/qc-NAME)")
 
     pr = sub.add_parser("predict", help="apply a saved model (stbench run --save-models) to new slides or an H&E image")
@@ -270,7 +272,7 @@ def cmd_data_check(args) -> int:
             print(f"stbench: data check: {message}", file=sys.stderr, flush=True)
 
     try:
-        report = check_dataset(args.name, args.data_dir, args.out, progress=progress)
+        report = check_dataset(args.name, args.data_dir, args.out, progress=progress, sets=args.set)
     finally:
         if sys.stderr.isatty():
             print("\r\033[K", end="", file=sys.stderr, flush=True)

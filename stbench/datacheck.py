@@ -14,10 +14,9 @@ from stbench.data.expression import read_panel_file
 from stbench.specs import resolve
 
 
-def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
+def _panel(conf, base, dataset) -> tuple[Optional[list[str]], str]:
     """The gene panel a run of this benchmark would use (its panel file, else the dataset's panel),
     for the constant-gene counts; resolved exactly as ``stbench run --dataset NAME`` resolves it."""
-    conf, base = benchmark.resolve_config(name)
     if conf.panel.file:
         path = benchmark.panel_path(conf.panel.file, base)
         return read_panel_file(path), f"panel {path.name}"
@@ -26,19 +25,25 @@ def _panel(name: str, dataset) -> tuple[Optional[list[str]], str]:
 
 
 def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[str] = None,
-                  progress: Optional[Callable[[str], None]] = None) -> str:
+                  progress: Optional[Callable[[str], None]] = None, sets: Optional[list[str]] = None) -> str:
     """The QC table of every section, and an overview PNG per imaged section under ``out_dir``.
 
-    ``progress(message)`` is called before each section (the first read of a dataset parses every
-    file and takes a while)."""
+    ``name`` is a dataset or a benchmark definition (``cscc_hest``: its dataset with its
+    ``dataset_options`` and panel); ``sets`` are ``--set KEY=VALUE`` overrides, as for a run (e.g.
+    ``dataset_options.where.organ=Skin``). ``progress(message)`` is called before each section (the
+    first read of a dataset parses every file and takes a while)."""
     from tabulate import tabulate
 
     from stbench.plugins import get_plugins
 
-    spec = get_plugins().datasets.get(name, "stbench data check NAME")
-    options = spec.options() if spec.options else None
+    conf, base = benchmark.resolve_config(name, sets=sets)
+    plugins = get_plugins()
+    spec = plugins.datasets.get(conf.dataset, "stbench data check NAME (a dataset or a benchmark definition)")
+    if conf.dataset_options and not spec.options:
+        raise cfg.ConfigError(f"dataset {conf.dataset} takes no dataset_options")
+    options = cfg.build(spec.options, conf.dataset_options, "dataset_options") if spec.options else None
     dataset = resolve(spec.factory)(Path(data_dir).expanduser() if data_dir else None, options)
-    panel, panel_name = _panel(name, dataset)
+    panel, panel_name = _panel(conf, base, dataset)
     rows = []
     pictures = []
     images = cfg.ImageConfig()

@@ -76,6 +76,16 @@ def test_data_check_and_a_run_through_the_cli(toy, tmp_path, capsys):
             assert f"{method}," in results and sample in results
 
 
+def test_data_check_takes_a_selection_and_benchmark_names(toy, tmp_path, capsys):
+    assert main(["data", "check", "hest", "--data-dir", str(toy), "--out", str(tmp_path / "qc"),
+                 "--set", "dataset_options.ids=[S1,S3]"]) == 0
+    out = capsys.readouterr().out
+    assert "dataset hest: 2 sections" in out and "S3" in out and "S2 " not in out
+    # a benchmark definition names its dataset, samples and panel: cscc_hest asks for NCBI ids the toy lacks
+    assert main(["data", "check", "cscc_hest", "--data-dir", str(toy), "--out", str(tmp_path / "qc2")]) == 2
+    assert "NCBI759" in capsys.readouterr().err
+
+
 def test_the_environment_variable_and_a_parent_folder(toy, monkeypatch):
     monkeypatch.setenv("STBENCH_DATA", str(toy.parent))  # $STBENCH_DATA/hest
     assert len(open_hest(None).sections()) == 4
