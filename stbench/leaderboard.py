@@ -230,6 +230,68 @@ def sweep_table(runs: list[dict], ratios: list[float], rows: list[dict]) -> dict
     return out
 
 
+#: protocol keys that only name or describe a benchmark: a study labels runs by the others
+_DESCRIPTIVE = {"benchmark", "version", "description", "caveats", "preset", "dataset_options"}
+
+
+def _flat_protocol(d, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat_protocol(v, f"{prefix}{k}."))
+    return out
+
+
+STUDY_COLUMNS = [("pcc", "PCC"), ("pcc_all", "PCC (all spots)"), ("mae", "MAE"), ("mae_all", "MAE (all spots)"),
+                 ("ccc", "CCC")]
+
+
+def render_study(run_dirs: list[Path], plugins, fmt: str = "md") -> str:
+    """A protocol study: the same methods under several protocols, one run directory per protocol.
+
+    Unlike a leaderboard (one protocol), the runs may differ in their protocol: each row is labelled by
+    the protocol settings that differ from the first run (the reference, e.g. the honest default), and
+    by LEAKY where a source's choice lets test data into training or selection. The folds must be the
+    same (the same test sections), so the rows compare slide sets; the numbers of different protocols
+    are different quantities, which is the point of the table."""
+    if fmt not in ("md", "csv"):
+        raise ConfigError(f"a protocol study is written as md or csv, not {fmt!r} (option --format)")
+    from tabulate import tabulate
+
+    runs = [_read_run(Path(d)) for d in run_dirs]
+    ref = _flat_protocol(runs[0]["run"]["protocol"])
+    tests = {json.dumps([f.get("test") if isinstance(f, dict) else f for f in r["run"].get("folds") or []]) for r in runs}
+    if len(tests) > 1:
+        raise ConfigError("the runs of a protocol study must test the same sections in the same folds")
+    body, records = [], []
+    for run in runs:
+        flat = _flat_protocol(run["run"]["protocol"])
+        diff = [f"{k}={flat.get(k)}" for k in sorted(set(flat) | set(ref))
+                if k.split(".")[0] not in _DESCRIPTIVE and flat.get(k) != ref.get(k)]
+        label = ", ".join(diff) or "reference protocol"
+        leaky = "LEAKY" if leaky_choices(run["run"]["protocol"]) else ""
+        rows, _ = summary_rows([run["dir"]], STUDY_COLUMNS)
+        for row in rows:
+            cells = [row["method"], label, leaky, int(row["folds"]), int(row["slides"])] + [_cell(row, c) for c, _ in STUDY_COLUMNS]
+            body.append(cells)
+            records.append({"method": row["method"], "protocol": label, "leaky": bool(leaky), "run": str(run["dir"]),
+                            **{k: v for k, v in row.items() if ":" in k and k.split(":")[0] in dict(STUDY_COLUMNS)}})
+    labels = ["method", "protocol (differs from the first row's)", "", "folds", "slides"] + [lbl for _, lbl in STUDY_COLUMNS]
+    p = runs[0]["run"]["protocol"]
+    head = (f"stbench protocol study: the same methods under the protocols of the sources, one choice at a time "
+            f"(reference: benchmark {p.get('benchmark')}, normalisation {p.get('normalisation')}, "
+            f"smoothing {p.get('smoothing', 'none')}, selection {p.get('selection', 'inner_val')}, split {p.get('split')}). "
+            "Rows measure different quantities (other targets, other scored spots): read them as what each choice "
+            "does to a number, never as a ranking; a study table is never mixed into the main boards. "
+            f"Generated {_dt.date.today().isoformat()} from {len(runs)} run directories.")
+    notes = [f"LEAKY rows: {'; '.join(sorted({c for r in runs for c in leaky_choices(r['run']['protocol'])}))}."]
+    if fmt == "csv":
+        return f"# {head}\n" + "".join(f"# {n}\n" for n in notes) + _csv_table(records)
+    return (f"{head}\n\n" + tabulate(body, headers=labels, tablefmt="github", disable_numparse=True) + "\n"
+            + "".join(f"\n{n}\n" for n in notes))
+
+
 def summarise(run_dirs: list[Path], columns=None):
     """:func:`summary_rows` as a pandas DataFrame (for notebooks and tests), and the protocol."""
     import pandas as pd

@@ -66,6 +66,15 @@ class FitContext:
     prompt_selector: Any = None
     #: resources prepared for the method's declared needs (e.g. an image-feature provider)
     resources: dict = field(default_factory=dict)
+    #: True under ``selection: test_fold`` (the sources' leaky protocol, protocol study only): ``val`` is
+    #: the fold's test slides, to *select* on and never to fit on; see :func:`training_slides`
+    val_is_test: bool = False
+
+
+def training_slides(train, val, context: FitContext) -> list:
+    """The slides the final model is fitted on under the refit rule: training and validation patients
+    (``train + val``), or ``train`` alone when ``val`` is the test fold (``context.val_is_test``)."""
+    return list(train) + ([] if context.val_is_test else list(val))
 
 
 @dataclass

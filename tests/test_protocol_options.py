@@ -43,3 +43,46 @@ def test_top_expressed_genes_by_total_count_over_the_given_sections():
     assert top_expressed_genes([a], 2) == ["G1", "G4"]  # training sections only: b does not count
     with pytest.raises(ConfigError, match="panel.top_expressed asks for 4 genes but only 3"):
         top_expressed_genes([a, b], 4)
+
+
+def test_selection_on_the_test_fold_selects_on_it_but_never_fits_on_it(tmp_path):
+    """Under selection=test_fold the validation slides are the test slides: the refit rule (fit the final
+    model on train + val) must then leave them out, or the leak would be training on the test slides."""
+    import csv
+
+    from stbench.cli import main
+
+    small = ["--set", "dataset_options.spots_per_section=40", "--set", "dataset_options.n_patients=3", "--quiet"]
+    for name, extra in (("leaky", ["--set", "selection=test_fold"]), ("plain", ["--set", "split_params.inner_val=false"])):
+        assert main(["run", "--methods", "mean", "--out", str(tmp_path / name), *small, *extra]) == 0
+    rows = {}
+    for name in ("leaky", "plain"):
+        with open(tmp_path / name / "results.csv", newline="") as fh:
+            rows[name] = {(r["method"], r["slide"]): r for r in csv.DictReader(fh)}
+    # mean: the same training slides in both runs (no inner validation in "plain"), so the same predictions
+    for key, r in rows["leaky"].items():
+        if key[0] == "mean":
+            assert float(r["mae"]) == pytest.approx(float(rows["plain"][key]["mae"]), abs=1e-9)
+
+
+def test_ridge_refits_without_the_validation_slides_when_they_are_the_test_fold():
+    from stbench.data.model import Slide
+    from stbench.method import FitContext
+    from stbench_plugins.ridge import RidgeConfig
+    from stbench_plugins.ridge.model import Ridge
+
+    rng = np.random.default_rng(0)
+
+    def slide(name, n):
+        x = rng.normal(size=(n, 5)).astype(np.float32)
+        s = Slide(name=name, patient=name, spot_ids=np.arange(n).astype(str), genes=np.array(["a", "b"]),
+                  expr=(x[:, :2] + rng.normal(size=(n, 2))).astype(np.float32), grid=np.zeros((n, 2)),
+                  pixel=np.zeros((n, 2)), mpp=1.0)
+        s.features = {"spot": x, "spot_mask": np.ones(n, dtype=bool)}
+        return s
+
+    train, val = [slide("t1", 30), slide("t2", 30)], [slide("v", 20)]
+    for val_is_test, rows in ((False, 80), (True, 60)):
+        model = Ridge(RidgeConfig())
+        model.fit(train, val, FitContext(seed=0, genes=np.array(["a", "b"]), val_is_test=val_is_test))
+        assert model.train_x_.shape[0] == rows

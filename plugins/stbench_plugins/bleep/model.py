@@ -12,7 +12,7 @@ from torch import nn
 
 from stbench.errors import ConfigError
 from stbench.images.augment import random_flips_rot90, to_float
-from stbench.method import FitContext, FinetuneSettings, FittedState
+from stbench.method import FitContext, FinetuneSettings, FittedState, training_slides
 from stbench.nn import PromptProjection
 from stbench.torch_method import TorchMethod, pool_batch_size, spot_batches, spot_pool, standardiser
 from stbench.weights import create_timm_model, resolve_weights
@@ -218,7 +218,7 @@ class BLEEP(TorchMethod):
             self.model.load_state_dict(best_state)
         self.model.eval()
         # the reference set: every spot of the training patients (training and validation slides)
-        self._reference_expr = torch.tensor(np.concatenate([s.expr for s in (*train, *val)]), dtype=torch.float32,
+        self._reference_expr = torch.tensor(np.concatenate([s.expr for s in training_slides(train, val, context)]), dtype=torch.float32,
                                             device=self.device)
         self._embed_reference()
 

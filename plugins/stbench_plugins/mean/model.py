@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from stbench.method import FinetuneSettings, FittedState, Method
+from stbench.method import FinetuneSettings, FittedState, Method, training_slides
 
 
 class MeanBaseline(Method):
@@ -12,7 +12,7 @@ class MeanBaseline(Method):
 
     def fit(self, train, val, context):
         # nothing to select on validation, so the final model uses all training patients (stbench.method)
-        slides = list(train) + list(val)
+        slides = training_slides(train, val, context)
         # spot-weighted mean over all training spots
         self.mean_ = np.concatenate([s.expr for s in slides]).mean(axis=0).astype(np.float32)
 

@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 
 from stbench.errors import ConfigError
-from stbench.method import FinetuneSettings, FittedState, Method
+from stbench.method import FinetuneSettings, FittedState, Method, training_slides
 from stbench.metrics import mse, pcc
 
 
@@ -82,7 +82,7 @@ class Ridge(Method):
             best = len(alphas) // 2
         self.alpha_ = alphas[best]
         # refit on all training spots (validation included: they are training patients) at that penalty
-        x, y = _design(list(train) + val)
+        x, y = _design(training_slides(train, val, context))
         self.train_x_, self.train_y_ = x, y
         self.w_ = self._solve(x, y, [self.alpha_])[0]
 
