@@ -39,24 +39,28 @@ LATTICES = ("square", "hex")
 
 def read_thumbnail(path: Path, max_side: int = THUMBNAIL_PX) -> tuple[np.ndarray, float, tuple[int, int]]:
     """``(rgb, scale, (width, height))``: an RGB thumbnail whose longest side is at most ``max_side``,
-    thumbnail pixels per full-resolution pixel, and the full-resolution size. A JPEG is decoded at a
-    reduced DCT scale, so a whole-slide JPEG is never held at full resolution."""
-    from PIL import Image
+    thumbnail pixels per full-resolution pixel, and the full-resolution size. Read through the region
+    readers (:mod:`stbench.images.region`): a pyramidal whole-slide image from a pyramid level, a JPEG at
+    a reduced DCT scale, so a whole slide is never held at full resolution."""
+    from stbench.images import region
 
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide scans exceed PIL's decompression-bomb guard
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image not found: {path} (option --image); give the path of an H&E image file")
+    image = _image_only(path)
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.draft("RGB", (max(1, size[0] // 8), max(1, size[1] // 8)))  # JPEG only; a no-op otherwise
-            rgb = im.convert("RGB")
-        rgb.thumbnail((max_side, max_side))
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"image {path} cannot be read ({reason}) (option --image); give a JPEG, PNG or TIFF H&E image")
-    return np.asarray(rgb), rgb.size[0] / size[0], size
+        size = region.image_size(image)
+        rgb, scale = region.read_thumbnail(image, max_side)
+    except DataError as exc:
+        raise DataError(f"{exc} (option --image); give a JPEG, PNG or (pyramidal) TIFF H&E image") from None
+    return rgb, scale, tuple(int(v) for v in size)
+
+
+def _image_only(path: Path) -> Section:
+    """A section holding only an image, for the region readers (its spots come later)."""
+    empty = np.zeros((0, 2))
+    return Section(name=path.stem, patient="", spot_ids=np.array([], dtype=str), genes=np.array([], dtype=str),
+                   counts=None, grid=empty, pixel=empty, mpp=None, image_path=path)
 
 
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:

@@ -218,3 +218,20 @@ def test_predict_on_a_plain_image(tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "knn" / "models" / "prompt_knn" / "fold0"), "--image",
                  str(tmp_path / "slide.jpg"), "--mpp", "1.0", "--out", str(tmp_path / "p2"), "--quiet"]) == 2
     assert "predicts a slide from its prompt spots" in capsys.readouterr().err
+
+
+def test_a_lattice_over_a_pyramidal_whole_slide_tiff_reads_it_through_openslide(tmp_path):
+    from hest_samples import write_pyramid_tiff
+    from PIL import Image
+
+    from stbench.lattice import read_thumbnail
+
+    inside = _blob_image(tmp_path / "slide.png")
+    with Image.open(tmp_path / "slide.png") as im:
+        pixels = np.asarray(im.convert("RGB"))
+    write_pyramid_tiff(tmp_path / "slide.tif", pixels, levels=4)
+    rgb, scale, size = read_thumbnail(tmp_path / "slide.tif", max_side=400)
+    assert size == (3000, 2000) and max(rgb.shape[:2]) <= 400 and scale == pytest.approx(rgb.shape[1] / 3000, rel=0.02)
+    section = spots_on_tissue(tmp_path / "slide.tif", mpp=1.0, pitch_um=100.0, diameter_um=55.0, lattice="hex")
+    x, y = np.round(section.pixel).astype(int).T
+    assert section.n_spots > 50 and inside[y, x].all()
