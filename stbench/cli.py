@@ -45,6 +45,14 @@ def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
                      help="keep each fold's fitted model under RUN_DIR/models/<method>/fold<k> (for stbench predict)")
     run.add_argument("--fit-all", action="store_true",
                      help="with --save-models: also fit one model per method on every section (models/<method>/all)")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="where the method x fold units compute: local (this machine, default) or ray (a Ray "
+                          "cluster; needs pip install \"stbench[ray]\")")
+    run.add_argument("--jobs", type=int, metavar="N",
+                     help="with --executor local: run N units at once, each in its own process (default 1)")
+    run.add_argument("--ray-address", metavar="auto|HOST:PORT",
+                     help="with --executor ray: the cluster to join (auto: the one 'ray start' runs on this machine; "
+                          "default: a Ray instance of this run's own)")
     run.add_argument("--quiet", action="store_true", help="no progress on stderr (warnings and errors only)")
 
     ls = sub.add_parser("list", help="list registered methods, datasets, splits, metrics, prompts, encoders, plugins")
@@ -169,9 +177,11 @@ def _shorthands(args) -> dict:
 def cmd_run(args) -> int:
     from stbench import leaderboard
     from stbench.benchmark import resolve_config
+    from stbench.executors import make_executor
     from stbench.plugins import get_plugins
-    from stbench.run import execute, resolve_plan
+    from stbench.run import UnitsFailed, execute, resolve_plan
 
+    executor = make_executor(args.executor, args.jobs, args.ray_address)  # a missing Ray fails here, in one line
     plugins = get_plugins()
     config, base_dir = resolve_config(args.dataset, args.config, args.set, _shorthands(args))
     methods = list(dict.fromkeys(m.strip() for m in args.methods.split(",") if m.strip()))  # unique, in order
@@ -179,8 +189,13 @@ def cmd_run(args) -> int:
     plan = resolve_plan(config, methods, out, plugins, base_dir, save_models=args.save_models, fit_all=args.fit_all)
     if not args.quiet:
         print(f"stbench: {', '.join(methods)} on {config.benchmark} ({len(plan.sections)} sections, "
-              f"{len(plan.folds)} folds of {config.split}); writing to {out}", file=sys.stderr)
-    outcome = execute(plan, verbose=not args.quiet)
+              f"{len(plan.folds)} folds of {config.split}); units {executor.describe()}; writing to {out}", file=sys.stderr)
+    try:
+        with executor:  # a Ray instance the run starts stops with it
+            outcome = execute(plan, verbose=not args.quiet, executor=executor)
+    except UnitsFailed as exc:
+        print(f"stbench: error: {exc}", file=sys.stderr)
+        return 1
     if outcome.units_skipped:
         print(f"stbench: {outcome.units_skipped} method x fold units were already complete and were skipped", file=sys.stderr)
     rows, meta = leaderboard.summary_rows([out])

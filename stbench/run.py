@@ -1,11 +1,18 @@
 """The run loop: resolve a config into a plan, then fit, predict and score every method on every fold.
 
 The core never branches on a method's name: what differs between methods is declared in their
-:class:`~stbench.specs.MethodSpec` (needs, fine-tuning) and their config dataclass.
+:class:`~stbench.specs.MethodSpec` (needs, fine-tuning, resources) and their config dataclass.
+
+Each method x fold is a :class:`Unit`. :func:`compute_unit` computes one and returns its rows,
+predictions and fitted state without writing anything; an executor (:mod:`stbench.executors`: in this
+process, ``--jobs`` local processes or Ray tasks) runs the units, and the driver (:func:`execute`)
+writes each result as it arrives (:func:`write_unit_result`), so every executor leaves the same run
+directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import functools
@@ -16,8 +23,11 @@ import json
 import os
 import platform
 import random
+import socket
 import subprocess
 import sys
+import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +45,7 @@ from stbench.data.expression import (UNITS, check_smoothing, high_mean_high_vari
 from stbench.data.checks import load_checked
 from stbench.data.model import Section, SectionInfo, Slide
 from stbench.errors import ConfigError, DataError
-from stbench.method import FinetuneSettings, FitContext, Method
+from stbench.method import FinetuneSettings, FitContext, FittedState, Method
 from stbench.metrics import MetricValue
 from stbench.plugins import Plugins
 from stbench.prompts import check_prompt_counts, n_prompts, nested, sweep_prompts
@@ -258,7 +268,8 @@ def _differences(old: dict, new: dict, limit: int = 4) -> str:
     return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _fold_record(plan: Plan) -> list:
+def fold_record(plan: Plan) -> list:
+    """Every fold's sections and patients, as run.json and split.json record them."""
     patient_of = {s.name: s.patient for s in plan.sections}
     return [f.to_dict(patient_of) for f in plan.folds]
 
@@ -276,7 +287,7 @@ def _check_resumable(run: RunDir, plan: Plan) -> None:
             f"output directory {plan.out_dir} holds a run with other settings ({_differences(old.get('protocol') or {}, new)}); "
             "use a new --out, or the same settings to resume"
         )
-    if old.get("folds") is not None and old["folds"] != _fold_record(plan):
+    if old.get("folds") is not None and old["folds"] != fold_record(plan):
         raise ConfigError(
             f"output directory {plan.out_dir} holds folds over other sections (the methods or the data changed "
             "which sections are usable, e.g. images); use a new --out"
@@ -467,13 +478,15 @@ class RunOutcome:
     units_skipped: int
 
 
-def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
+def execute(plan: Plan, verbose: bool = True, executor=None) -> RunOutcome:
     """Run every method x fold not yet complete in ``plan.out_dir``. ``verbose``: a progress bar on a
-    terminal, one line per step otherwise (logs); nothing when False.
+    terminal, one line per step otherwise (logs); nothing when False. ``executor``: where the units
+    compute (:mod:`stbench.executors`; default: one after another in this process).
 
     The run directory is locked for the whole run (a second process into it is refused). Until the
     provenance files are written, a failure leaves nothing behind: a directory this call created is
-    removed again.
+    removed again. A unit that raises does not stop the others: once they are written,
+    :class:`UnitsFailed` names every failed unit, and running the same command again runs only those.
     """
     created = not plan.out_dir.exists()
     lock = RunLock(plan.out_dir)
@@ -483,7 +496,7 @@ def execute(plan: Plan, verbose: bool = True) -> RunOutcome:
         run = RunDir(plan.out_dir)
         _check_resumable(run, plan)
         atomic.remove_leftovers(plan.out_dir)  # .tmp-* files of killed runs (we hold the lock)
-        started, outcome = _execute_locked(plan, run, verbose)
+        started, outcome = _execute_locked(plan, run, verbose, executor)
         return outcome
     except BaseException:
         if created and not started:
@@ -505,7 +518,7 @@ def _remove_if_only_lock(out_dir: Path) -> None:
         pass
 
 
-def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
+def _execute_locked(plan: Plan, run: RunDir, verbose: bool, executor=None):
     config = plan.config
     patient_of = {s.name: s.patient for s in plan.sections}
 
@@ -534,7 +547,7 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     old = run.read_json("run.json") or {}
     method_configs = dict(old.get("methods", {}))
     method_configs.update({m: cfg.to_dict(c) for m, c in plan.methods.items()})
-    record = {"protocol": _protocol(config), "methods": method_configs, "folds": _fold_record(plan),
+    record = {"protocol": _protocol(config), "methods": method_configs, "folds": fold_record(plan),
               "panels": panels, "data": data,
               "constant_predictors": sorted(set(old.get("constant_predictors", []))
                                             | {m for m in plan.methods if plan.plugins.methods.get(m).constant_predictor})}
@@ -546,11 +559,11 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
                               f"this run uses {encoder}; use a new --out")
     if encoder is not None:
         record["encoder"] = encoder
-    metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
-    units = [(m, f) for m in plan.methods for f in plan.folds]
-    todo = [(m, f) for m, f in units if not _unit_complete(run, plan, m, f)]
+    units = [Unit(m, f.index) for m in plan.methods for f in plan.folds]
+    todo = [u for u in units if not _unit_complete(run, plan, u.method, folds_by_index(plan)[u.fold])]
     # --fit-all: one model per method on every section, complete once saved
-    fit_all = [m for m in plan.methods if plan.fit_all and not models.is_saved(models.model_dir(plan.out_dir, m, models.ALL))]
+    todo += [Unit(m, FIT_ALL) for m in plan.methods
+             if plan.fit_all and not models.is_saved(models.model_dir(plan.out_dir, m, models.ALL))]
     device = pick_device(config.device)
 
     run.write_json("run.json", record)
@@ -564,7 +577,7 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
     invocation = {**versions(), "seed": config.seed,
                   "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                   "plugins": {i.name: i.package for i in plan.plugins.infos.values()},
-                  "units": [f"{m}/fold{f.index}" for m, f in todo] + [f"{m}/{models.ALL}" for m in fit_all]}
+                  "units": [u.name for u in todo]}
     run.append_versions(invocation)
     ids = lambda n, idx: [str(store.section(n).spot_ids[i]) for i in idx]  # noqa: E731
     record_prompts = {"strategy": config.prompt.strategy, "ratio": max(ratios), "seed": config.seed,
@@ -574,56 +587,233 @@ def _execute_locked(plan: Plan, run: RunDir, verbose: bool):
         record_prompts["nested"] = all(nested(sets) for sets in prompts.values())
     run.write_json("prompts.json", record_prompts)
 
-    bar = None
-    if verbose and tty and todo:
+    if executor is None:
+        from stbench.executors import LocalExecutor
+
+        executor = LocalExecutor()
+    session = UnitSession(plan, store, prompts, device)
+    failures = _run_units(session, run, executor, todo, invocation, unique_test, progress, verbose and tty)
+    if failures:
+        raise UnitsFailed(failures, len(todo), run.root)
+    results, fold_results = run.merge()
+    n_folds = len([u for u in todo if u.fold != FIT_ALL])
+    return True, RunOutcome(plan.out_dir, results, fold_results, n_folds, len(units) - n_folds)
+
+
+def _run_units(session: "UnitSession", run: RunDir, executor, units: list, invocation: dict, unique_test: bool,
+               progress: Optional[Callable[[str], None]], bar: bool) -> list:
+    """Run ``units`` on ``executor``, writing each result as it arrives; returns the failures."""
+    plan = session.plan
+    failures: list[UnitFailure] = []
+    shown: set = set()  # warnings shown once per run, as Python shows one per process
+    announced: set = set()
+    finished = 0
+    tqdm_bar = None
+    if bar and units:
         from tqdm import tqdm
 
         # a live bar on a terminal; one line per unit in logs (CI, nohup), where \r-redraws are noise
-        bar = tqdm(total=len(todo), desc="stbench", unit="fold", file=sys.stderr, leave=False)
-    for method_name, fold in todo:
-        if bar is not None:
-            bar.set_postfix_str(f"{method_name} fold {fold.index + 1}/{len(plan.folds)}")
-        if progress and bar is None:
-            progress(f"{method_name}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})")
-        slide_rows, fold_rows = _run_unit(plan, store, run, method_name, fold, prompts, metric_specs, unique_test, device)
-        run.write_unit(method_name, fold.index, slide_rows, fold_rows, invocation)
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    for method_name in fit_all:
-        if progress:
-            progress(f"{method_name}: fitting on every section (the model to deploy, models/{method_name}/{models.ALL})")
-        _fit_all_unit(plan, store, method_name, device)
-    results, fold_results = run.merge()
-    return True, RunOutcome(plan.out_dir, results, fold_results, len(todo), len(units) - len(todo))
+        tqdm_bar = tqdm(total=len(units), desc="stbench", unit="unit", file=sys.stderr, leave=False)
+    say = tqdm_bar.write if tqdm_bar is not None else progress
+
+    def what(unit: Unit) -> str:
+        if unit.fold == FIT_ALL:
+            return f"{unit.method}: fitting on every section (the model to deploy, models/{unit.method}/{models.ALL})"
+        fold = folds_by_index(plan)[unit.fold]
+        return f"{unit.method}: fold {fold.index + 1}/{len(plan.folds)} ({fold.name})"
+
+    def started(unit: Unit) -> None:  # executors that run one unit at a time say which
+        announced.add(unit)
+        if tqdm_bar is not None:
+            tqdm_bar.set_postfix_str(unit.name)
+        elif progress:
+            progress(what(unit))
+
+    def done(unit: Unit, outcome) -> None:
+        nonlocal finished
+        finished += 1
+        if isinstance(outcome, UnitResult):
+            for message, category, filename, lineno in outcome.warnings:
+                if (message, category, filename, lineno) not in shown:
+                    shown.add((message, category, filename, lineno))
+                    warnings.showwarning(message, category, filename, lineno)
+            try:
+                write_unit_result(session, run, outcome, unique_test, invocation)
+                error_path(run, unit).unlink(missing_ok=True)  # the traceback of an earlier attempt
+            except Exception as exc:  # e.g. a fitted state that is not JSON: this unit fails, not the run
+                outcome = UnitFailure.of(unit, exc)
+        if isinstance(outcome, UnitFailure):
+            failures.append(outcome)
+            atomic.write_text(error_path(run, unit), outcome.report())
+            if say:
+                say(f"stbench: {unit.name} failed: {outcome.error} [{finished}/{len(units)}]")
+        elif progress and tqdm_bar is None and unit not in announced:  # parallel executors: one line per result
+            progress(f"{what(unit)} done in {outcome.seconds:.1f} s on {outcome.host} [{finished}/{len(units)}]")
+        if tqdm_bar is not None:
+            tqdm_bar.update(1)
+
+    try:
+        executor.run(session, units, done, started)
+    finally:
+        if tqdm_bar is not None:
+            tqdm_bar.close()
+    return failures
 
 
-def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold: Fold, prompts, metric_specs,
-              unique_test: bool, device: str = "cpu"):
+# ------------------------------------------------------------------------------------------------
+# units: what an executor runs (stbench.executors)
+
+#: the fold index of a --fit-all unit (whole_dataset_fold)
+FIT_ALL = -1
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of work: ``method`` fitted on fold ``fold``, then predicting and scoring its test slides;
+    or, with ``fold`` = :data:`FIT_ALL` (--fit-all), fitted on every section and saved."""
+
+    method: str
+    fold: int
+
+    @property
+    def name(self) -> str:
+        """``ridge/fold2``, ``ridge/all``: as versions.json lists the units an invocation ran."""
+        return f"{self.method}/{models.ALL if self.fold == FIT_ALL else models.fold_scope(self.fold)}"
+
+
+@dataclass
+class SlidePrediction:
+    slide: str
+    #: the prompt ratio of a sweep (each ratio has its prediction folder); None in a one-ratio run
+    ratio: Optional[float]
+    pred: np.ndarray  # (N, G) float32, as the .h5ad file stores it
+    is_prompt: np.ndarray
+
+
+@dataclass
+class UnitResult:
+    """What a unit computed, handed to the driver, which writes it (:func:`write_unit_result`)."""
+
+    unit: Unit
+    slide_rows: list = field(default_factory=list)
+    fold_rows: list = field(default_factory=list)
+    predictions: list = field(default_factory=list)  # of SlidePrediction
+    #: with --save-models: the fitted state, taken before any fine-tuning on a test slide
+    state: Optional[FittedState] = None
+    #: the warnings the unit showed, as (message, category, filename, lineno): the driver shows them
+    warnings: list = field(default_factory=list)
+    seconds: float = 0.0
+    host: str = ""
+
+
+@dataclass
+class UnitFailure:
+    """A unit that raised: its exception, as text (it may come from another machine)."""
+
+    unit: Unit
+    error: str  # "RuntimeError: boom": the exception's type and first line
+    traceback: str
+    host: str = ""
+
+    @classmethod
+    def of(cls, unit: Unit, exc: BaseException) -> "UnitFailure":
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return cls(unit, f"{type(exc).__name__}: {first}" if first else type(exc).__name__,
+                   "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)), socket.gethostname())
+
+    def report(self) -> str:
+        return f"{self.unit.name} failed on {self.host}: {self.error}\n\n{self.traceback}"
+
+
+class UnitsFailed(Exception):
+    """Units that raised (``failures``, :class:`UnitFailure`) while the others of the run were written."""
+
+    def __init__(self, failures: list, n_units: int, run_dir: Path):
+        self.failures, self.n_units, self.run_dir = failures, n_units, Path(run_dir)
+        lines = [f"{len(failures)} of {n_units} units failed (the others are written; run the same command again "
+                 "to run only the failed ones):"]
+        for f in sorted(failures, key=lambda f: (f.unit.method, f.unit.fold)):
+            lines.append(f"  {f.unit.name}: {f.error} (traceback: {error_path(RunDir(run_dir), f.unit)})")
+        super().__init__("\n".join(lines))
+
+
+def error_path(run: RunDir, unit: Unit) -> Path:
+    """Where a failed unit's traceback is kept (removed once the unit succeeds)."""
+    return run.root / "errors" / f"{unit.name}.txt"
+
+
+@dataclass
+class UnitSession:
+    """What units need from the driver: the plan, its data, each test slide's prompts (slide -> ratio ->
+    indices) and the torch device (None: each unit picks where it runs, :func:`pick_device`)."""
+
+    plan: Plan
+    store: SlideStore
+    prompts: dict
+    device: Optional[str]
+
+
+def folds_by_index(plan: Plan) -> dict:
+    return {f.index: f for f in plan.folds}
+
+
+def run_unit(session: UnitSession, unit: Unit):
+    """:func:`compute_unit`, with an exception returned as a :class:`UnitFailure` so the others go on.
+    (An interrupt, which is not an ``Exception``, still stops the run.)"""
+    try:
+        return compute_unit(session, unit)
+    except Exception as exc:
+        return UnitFailure.of(unit, exc)
+
+
+def compute_unit(session: UnitSession, unit: Unit) -> UnitResult:
+    """Fit ``unit.method`` on its fold, then predict and score every test slide at every prompt ratio;
+    return the rows, the predictions and (with --save-models) the fitted state. Writes nothing into the
+    run directory (a method may keep checkpoints under RUN_DIR/work). The same in every executor."""
+    plan, store, config = session.plan, session.store, session.plan.config
+    spec = plan.plugins.methods.get(unit.method)
+    fold = whole_dataset_fold(plan) if unit.fold == FIT_ALL else folds_by_index(plan)[unit.fold]
+    result = UnitResult(unit, host=socket.gethostname())
+    begin = time.perf_counter()
+    with _collect_warnings(result.warnings):
+        genes = store.panel(fold)
+        train = [store.slide(s, genes) for s in fold.train]
+        tests = [store.slide(s, genes) for s in fold.test]
+        # selection=test_fold: the sources' protocol (leaky, labelled in every table): the test slides,
+        # unmasked, select the checkpoint / penalty / epoch; the default selects on training patients
+        val_is_test = config.selection == "test_fold" and bool(tests)  # a --fit-all unit has no test slides
+        val = tests if val_is_test else [store.slide(s, genes) for s in fold.val]
+        method: Method = plan.plugins.methods.load(unit.method)(copy.deepcopy(plan.methods[unit.method]))
+        # after building: the factory may be what imports torch
+        with torch_threads(spec.resources.cpus):
+            _seed_everything(config.seed)
+            scope = models.ALL if unit.fold == FIT_ALL else models.fold_scope(fold.index)
+            context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index,
+                                 workdir=plan.out_dir / "work" / unit.method / scope,
+                                 device=session.device or pick_device(config.device),
+                                 prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
+                                 prompt_selector=plan.plugins.prompts.get(config.prompt.strategy),
+                                 val_is_test=val_is_test)
+            method.fit(train, val, context)
+            if plan.save_models:  # the fold's model, before any fine-tuning on a test slide
+                result.state = _on_cpu(method.get_state())
+            if unit.fold != FIT_ALL:
+                _test_fold(plan, spec, method, fold, genes, train, tests, session.prompts, result)
+    result.seconds = time.perf_counter() - begin
+    return result
+
+
+def _test_fold(plan: Plan, spec, method: Method, fold: Fold, genes: list[str], train: list, tests: list, prompts,
+               result: UnitResult) -> None:
+    """Predict and score every test slide of ``fold`` at every prompt ratio, into ``result``."""
     config = plan.config
-    spec = plan.plugins.methods.get(method_name)
-    genes = store.panel(fold)
-    train = [store.slide(s, genes) for s in fold.train]
-    tests = [store.slide(s, genes) for s in fold.test]
-    # selection=test_fold: the sources' protocol (leaky, labelled in every table): the test slides,
-    # unmasked, select the checkpoint / penalty / epoch; the default selects on training patients
-    val = tests if config.selection == "test_fold" else [store.slide(s, genes) for s in fold.val]
-    method: Method = plan.plugins.methods.load(method_name)(copy.deepcopy(plan.methods[method_name]))
-    _seed_everything(config.seed)  # after building: the factory may be what imports torch
-    workdir = plan.out_dir / "work" / method_name / f"fold{fold.index}"
-    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, workdir=workdir, device=device,
-                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
-                         prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
-    method.fit(train, val, context)
-    if plan.save_models:  # the fold's model, before any fine-tuning on a test slide
-        save_model(plan, store, method_name, method, fold, genes, models.fold_scope(fold.index))
+    metric_specs = [plan.plugins.metrics.get(m) for m in config.metrics]
+    method_name = result.unit.method
     finetune = config.finetune.enabled and spec.finetune and type(method).supports_finetune()
     settings = FinetuneSettings(epochs=config.finetune.epochs, lr=config.finetune.lr, seed=config.seed)
 
     sweep = bool(config.prompt.ratios)
     ratios = test_ratios(config)
-    slide_rows = []
     pooled = {r: ([], [], [], []) for r in ratios}  # ratio -> scored preds, truths; all-spot preds, truths
     slide_metrics = [m for m in metric_specs if m.level == "slide"]
     for slide in tests:
@@ -646,15 +836,14 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
                    "n_spots": slide.n_spots, "n_prompt": int(is_prompt.sum()), "n_scored": int(scored.sum()),
                    "finetuned": bool(finetune)}
             row.update(score_slide(plan.plugins, spec, slide_metrics, pred, slide.expr, is_prompt, scored))
-            slide_rows.append(row)
+            result.slide_rows.append(row)
             for store_list, value in zip(pooled[ratio], (pred[scored], slide.expr[scored], pred, slide.expr)):
                 store_list.append(value)
-            write_prediction(run.prediction(method_name, slide.name, fold.index, unique_test, ratio if sweep else None),
-                             slide, pred, is_prompt, fold.index, method_name, UNITS[config.normalisation])
+            result.predictions.append(SlidePrediction(slide.name, ratio if sweep else None,
+                                                      pred.astype(np.float32, copy=False), is_prompt))
 
     train_mean = np.concatenate([s.expr for s in train]).mean(axis=0)
     fctx = FoldContext(train_gene_order=np.argsort(-train_mean, kind="stable"))
-    fold_rows = []
     for ratio, (preds_np, truths_np, preds_all, truths_all) in pooled.items():
         fold_row = {"method": method_name, "fold": fold.index, **({"prompt_ratio": ratio} if sweep else {}),
                     "test_slides": ",".join(fold.test),
@@ -664,8 +853,77 @@ def _run_unit(plan: Plan, store: SlideStore, run: RunDir, method_name: str, fold
             func = plan.plugins.metrics.load(m.name, "func")
             fold_row.update(_metric_columns(m.name, func(preds_np, truths_np, fctx), spec, m))
             fold_row.update(_metric_columns(f"{m.name}_all", func(preds_all, truths_all, fctx), spec, m))
-        fold_rows.append(fold_row)
-    return slide_rows, fold_rows
+        result.fold_rows.append(fold_row)
+
+
+def write_unit_result(session: UnitSession, run: RunDir, result: UnitResult, unique_test: bool,
+                      invocation: dict) -> None:
+    """Write what a unit computed into the run directory: its model, its predictions, then its parts
+    (written last: they mark the unit done)."""
+    plan, store, unit = session.plan, session.store, result.unit
+    fold = whole_dataset_fold(plan) if unit.fold == FIT_ALL else folds_by_index(plan)[unit.fold]
+    genes = store.panel(fold)
+    if result.state is not None:
+        scope = models.ALL if unit.fold == FIT_ALL else models.fold_scope(fold.index)
+        models.save(models.model_dir(plan.out_dir, unit.method, scope), _Fitted(result.state),
+                    model_record(plan, store, unit.method, fold, genes, scope))
+    if unit.fold == FIT_ALL:
+        return
+    for p in result.predictions:
+        write_prediction(run.prediction(unit.method, p.slide, fold.index, unique_test, p.ratio),
+                         store.slide(p.slide, genes), p.pred, p.is_prompt, fold.index, unit.method,
+                         UNITS[plan.config.normalisation])
+    run.write_unit(unit.method, fold.index, result.slide_rows, result.fold_rows, invocation)
+
+
+class _Fitted:
+    """A fitted state as :func:`stbench.models.save` takes it (it asks a method for its state): the
+    driver holds only the state a unit returned."""
+
+    def __init__(self, state: FittedState):
+        self._state = state
+
+    def get_state(self) -> FittedState:
+        return self._state
+
+
+def _on_cpu(state: FittedState) -> FittedState:
+    """The state with its tensors on the CPU, so it reaches a driver without a GPU."""
+    arrays = {k: v.detach().cpu() if hasattr(v, "detach") else v for k, v in state.arrays.items()}
+    return FittedState(arrays, state.meta)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run with exactly ``n`` torch threads (the unit's declared CPUs) in every executor: Ray gives a task
+    one thread, a local process one per core, and the thread count can change floating-point sums.
+    Only when a method has loaded torch: the core does not import it."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _collect_warnings(into: list):
+    """Collect the warnings a unit shows (those the process's filters let through) instead of printing
+    them, so the driver shows them whichever process or machine computed the unit."""
+    original = warnings.showwarning
+
+    def collect(message, category, filename, lineno, file=None, line=None):
+        into.append((str(message), category, filename, lineno))
+
+    warnings.showwarning = collect
+    try:
+        yield
+    finally:
+        warnings.showwarning = original
 
 
 def test_ratios(config: cfg.RunConfig) -> list[float]:
@@ -744,23 +1002,6 @@ def whole_dataset_fold(plan: Plan) -> Fold:
     return Fold(index=-1, train=train, val=tuple(val), test=(), name="all sections")
 
 
-def _fit_all_unit(plan: Plan, store: SlideStore, method_name: str, device: str) -> None:
-    """Fit ``method_name`` on every section (:func:`whole_dataset_fold`) and save it as models/<method>/all."""
-    config = plan.config
-    fold = whole_dataset_fold(plan)
-    genes = store.panel(fold)
-    train = [store.slide(s, genes) for s in fold.train]
-    val = [store.slide(s, genes) for s in fold.val]
-    method: Method = plan.plugins.methods.load(method_name)(copy.deepcopy(plan.methods[method_name]))
-    _seed_everything(config.seed)
-    context = FitContext(seed=config.seed, genes=np.asarray(genes), fold=fold.index, device=device,
-                         workdir=plan.out_dir / "work" / method_name / models.ALL,
-                         prompt_ratio=config.prompt.ratio, prompt_strategy=config.prompt.strategy,
-                         prompt_selector=plan.plugins.prompts.get(config.prompt.strategy))
-    method.fit(train, val, context)
-    save_model(plan, store, method_name, method, fold, genes, models.ALL)
-
-
 def model_record(plan: Plan, store: SlideStore, method_name: str, fold: Fold, genes: list[str], scope: str) -> dict:
     """What model.json says beside the weights: what the model expects as input and where it came from."""
     config = plan.config
@@ -809,9 +1050,3 @@ def model_record(plan: Plan, store: SlideStore, method_name: str, fold: Fold, ge
                        "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                        "run_dir": str(plan.out_dir.resolve())},
     }
-
-
-def save_model(plan: Plan, store: SlideStore, method_name: str, method: Method, fold: Fold, genes: list[str],
-               scope: str) -> None:
-    models.save(models.model_dir(plan.out_dir, method_name, scope), method,
-                model_record(plan, store, method_name, fold, genes, scope))

@@ -41,6 +41,26 @@ def resolve(factory: Factory) -> Callable[..., Any]:
 
 
 @dataclass(frozen=True)
+class Resources:
+    """What one unit of a method (its fit, predictions and scores on one fold) asks the executor for.
+
+    Attributes:
+        cpus: CPU cores the unit uses. Ray reserves this many for it, and every executor (the local one
+            too) runs the unit with exactly this many torch threads, so runs on one machine, with
+            ``--jobs`` or on a Ray cluster compute the same numbers.
+        gpu: the unit runs faster on a GPU: Ray gives it one when the cluster has any (else it runs on a
+            CPU, as it would locally). Where the unit runs is chosen as for a local run (``--device``).
+    """
+
+    cpus: int = 1
+    gpu: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.cpus, bool) or not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ValueError(f"Resources.cpus must be a whole number of at least 1, got {self.cpus!r}")
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A method or baseline.
 
@@ -72,6 +92,10 @@ class MethodSpec:
             registered method on a small synthetic dataset with these settings.
         description: one line for ``stbench list``.
         reference: paper, venue, year and DOI/arXiv id.
+        resources: what one unit of the method (one fold) asks the executor for (:class:`Resources`):
+            CPU cores, which are also its torch thread count in every executor, and whether it wants a
+            GPU. The default, one CPU and no GPU, suits the closed-form baselines; a network that trains
+            on many cores declares more (``Resources(cpus=4, gpu=True)``).
     """
 
     name: str
@@ -85,8 +109,11 @@ class MethodSpec:
     test_settings: dict = field(default_factory=dict)
     description: str = ""
     reference: str = ""
+    resources: Resources = Resources()
 
     def __post_init__(self):
+        if not isinstance(self.resources, Resources):
+            raise ValueError(f"method {self.name!r}: resources must be a stbench.specs.Resources, got {self.resources!r}")
         if not callable(self.needs):
             self._check(self.needs)
 
