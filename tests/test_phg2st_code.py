@@ -121,9 +121,11 @@ def test_code_fusion_and_code_heads():
 # ---------------------------------------------------------------------------------- evaluation dropout
 
 
-def test_eval_dropout_stays_on_at_prediction_and_is_seeded():
+@pytest.mark.parametrize("which", ["hypergraph", "attention"])
+def test_eval_dropout_stays_on_at_prediction_and_is_seeded(which):
     s = _slide()
-    tiny = {**TINY, "dropout_hypergraph": 0.5, "attn_dropout_global": 0.3}
+    # one dropout at a time: the hypergraph blocks' (0.5) or the global encoder's attention's (0.3)
+    tiny = {**TINY, "dropout_hypergraph": 0.5 * (which == "hypergraph"), "attn_dropout_global": 0.3 * (which == "attention")}
     m = _fit(PHG2STConfig(**tiny, eval_dropout=True), [s])
     masked = s.masked(np.arange(6))
     first = m.predict(masked)
@@ -132,7 +134,7 @@ def test_eval_dropout_stays_on_at_prediction_and_is_seeded():
     assert not np.allclose(first, m.predict(masked))  # but it is random
     switches = [mod for mod in m.net.modules() if hasattr(mod, "eval_dropout") or hasattr(mod, "at_eval")]
     assert len(switches) == 2 + 2  # the two hypergraph blocks and the global encoder's two attentions
-    for mod in switches:  # the same weights, the switch off: deterministic, and another prediction
+    for mod in switches:  # the same weights, the switch off: no randomness left at prediction
         mod.eval_dropout = mod.at_eval = False
     off = m.predict(masked)
     m.seed = 0

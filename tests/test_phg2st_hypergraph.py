@@ -311,3 +311,5 @@ def test_hgconv_modes_agree_with_unit_weights(hypergraph):
     assert not torch.allclose(compat(x, incidence, w), documented(x, incidence, w))
     with pytest.raises(ValueError):
         HGConv(5, 3, use_attention=True, pyg_compat=False)
+    with pytest.raises(TypeError):  # one default for pyg_compat: PHG2STConfig's, none here
+        HGConv(5, 3)
