@@ -103,6 +103,8 @@ class LocalExecutor:
             pool.shutdown(wait=False, cancel_futures=True)
             for process in processes:
                 process.terminate()
+            for process in processes:
+                process.join(timeout=10)
             raise
         pool.shutdown()
 

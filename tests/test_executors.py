@@ -69,9 +69,12 @@ class Threads(Flaky):
         super().__init__(FlakyConfig())
 
     def fit(self, train, val, context):
+        import warnings
+
         import torch
 
         self.threads = torch.get_num_threads()
+        warnings.warn("threads: a warning of every unit")
         super().fit(train, val, context)
 
     def summary(self):
@@ -197,6 +200,26 @@ def test_an_interrupted_ray_run_resumes(ray_cluster, local_run, tmp_path, monkey
     _same_run(out, local_run)
 
 
+def test_an_interrupted_jobs_run_stops_its_processes_and_resumes(tmp_path, monkeypatch):
+    import multiprocessing
+
+    out = tmp_path / "jobs"
+    write_unit = RunDir.write_unit
+
+    def interrupted_after_the_first_unit(self, *args, **kwargs):
+        write_unit(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunDir, "write_unit", interrupted_after_the_first_unit)
+    assert _run(out, "--jobs", "2", methods="ridge,mean") == 130
+    assert len(list((out / "parts").glob("*/fold*.fold.csv"))) == 1
+    assert not multiprocessing.active_children()  # the workers were stopped, not left computing
+    monkeypatch.setattr(RunDir, "write_unit", write_unit)
+    assert _run(out, "--jobs", "2", methods="ridge,mean") == 0
+    assert len(json.loads((out / "versions.json").read_text())["units"]) == 5
+    assert len(pd.read_csv(out / "results.csv")) == 12
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_a_unit_runs_its_declared_cpus_as_torch_threads(executor, ray_cluster, with_test_plugin, tmp_path,
                                                         one_torch_thread):
@@ -204,13 +227,14 @@ def test_a_unit_runs_its_declared_cpus_as_torch_threads(executor, ray_cluster, w
 
     before = torch.get_num_threads()  # 1: the unit's 3 threads are set for it, and only for it
     out = tmp_path / executor
-    if executor == "ray":  # the Ray instance has 2 CPUs: the task asks for 2, and Ray would run 2 threads
-        with pytest.warns(UserWarning, match="declares 3 CPUs and the largest Ray node has 2: its units ask Ray for 2"):
-            assert _run(out, "--executor", executor, methods="threads") == 0
-    else:
+    with pytest.warns(UserWarning) as shown:
         assert _run(out, "--executor", executor, methods="threads") == 0
     summaries = pd.read_csv(out / "fold_results.csv")["fit_summary"].map(json.loads)
     assert [s["torch_threads"] for s in summaries] == [3, 3, 3]
+    # a warning a unit shows reaches the driver, wherever the unit ran, once per run (as Python shows one)
+    assert [str(w.message) for w in shown if "every unit" in str(w.message)] == ["threads: a warning of every unit"]
+    if executor == "ray":  # the Ray instance has 2 CPUs: the task asks for 2, and Ray alone would run 2 threads
+        assert any("declares 3 CPUs and the largest Ray node has 2: its units ask Ray for 2" in str(w.message) for w in shown)
     assert torch.get_num_threads() == before  # the driver's own setting is back after each unit
 
 
