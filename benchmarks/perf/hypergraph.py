@@ -2,6 +2,9 @@
 
     python benchmarks/perf/hypergraph.py [--sizes 1000 10000 100000] [--dim 1024] [--repeat 3] [--json out.json]
 
+PHG2ST builds this graph once per slide, on the whole slide (then restricts it to each slide part,
+stbench_plugins.phg2st.chunks), so slides of more than 4,000 spots take the candidate path measured here.
+
 For synthetic slides (square grid of spots; features = a few smooth 2-D fields, sines of random
 frequency and phase, mixed into ``dim`` dimensions plus noise, float32) it measures
 ``spot_hypergraph`` (exact up to 4,000 spots, candidate-based above) and ``dense_spot_hypergraph``

@@ -117,8 +117,7 @@ class PHG2ST(Method):
                            nb_raw=shared_tensor(raw_nb), grid=shared_tensor(grid).to(dev), parts=parts,
                            part_of=part_of, row_in_core=row_in_core)
         for part in parts:
-            state.tensors.append({"inputs": torch.from_numpy(part.inputs).to(dev), "core": torch.from_numpy(part.core).to(dev),
-                                  "n_local": len(part.local), "grid": torch.from_numpy(grid[part.local]).to(dev),
+            state.tensors.append({"inputs": torch.from_numpy(part.inputs).to(dev), "n_local": len(part.local), "grid": torch.from_numpy(grid[part.local]).to(dev),
                                   "edges": torch.from_numpy(part.edges).to(dev),
                                   "weights": torch.from_numpy(np.asarray(part.weights, np.float32)).to(dev)})
         self._states[slide.name] = state
