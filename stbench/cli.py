@@ -72,6 +72,8 @@ def _parser(argv: Optional[list[str]] = None) -> argparse.ArgumentParser:
                          "they are added to files and --all-columns output")
     lb.add_argument("--published", action="store_true",
                     help="add the numbers the papers report (the benchmark's published.yaml) as labelled rows")
+    lb.add_argument("--study", action="store_true",
+                    help="a protocol study: runs under different protocols, each row labelled by how its protocol differs")
 
     data = sub.add_parser("data", help="dataset tools")
     dsub = data.add_subparsers(dest="data_command", metavar="COMMAND")
@@ -252,6 +254,14 @@ def cmd_leaderboard(args) -> int:
     from stbench.plugins import get_plugins
 
     runs = [Path(d) for d in args.run_dirs]
+    if args.study:
+        text = leaderboard.render_study(runs, get_plugins(), args.format)
+        if args.output:
+            atomic.write_text(args.output, text)
+            print(f"wrote {args.output}", file=sys.stderr)
+        else:
+            print(text, end="")
+        return 0
     published = leaderboard.published_for(runs) if args.published else None
     columns = leaderboard.columns_with(published)
     table, meta = leaderboard.summary_rows(runs, columns)
