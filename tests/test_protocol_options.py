@@ -86,3 +86,24 @@ def test_ridge_refits_without_the_validation_slides_when_they_are_the_test_fold(
         model = Ridge(RidgeConfig())
         model.fit(train, val, FitContext(seed=0, genes=np.array(["a", "b"]), val_is_test=val_is_test))
         assert model.train_x_.shape[0] == rows
+
+
+def test_a_protocol_study_labels_rows_by_how_their_protocol_differs(tmp_path, capsys):
+    from stbench.cli import main
+
+    small = ["--set", "dataset_options.spots_per_section=40", "--set", "dataset_options.n_patients=3", "--quiet"]
+    runs = {"honest": [], "smooth": ["--set", "smoothing=grid3x3"], "cp10k": ["--set", "normalisation=cp10k_panel_log1p"]}
+    for name, extra in runs.items():
+        assert main(["run", "--methods", "mean,prompt_knn", "--out", str(tmp_path / name), *small, *extra]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "--study", *(str(tmp_path / n) for n in runs), "--output", str(tmp_path / "study.md")]) == 0
+    text = (tmp_path / "study.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| prompt_knn")]
+    assert len(rows) == 3
+    assert "reference protocol" in rows[0] and "LEAKY" not in rows[0]
+    assert "smoothing=grid3x3" in rows[1] and "LEAKY" in rows[1]
+    assert "normalisation=cp10k_panel_log1p" in rows[2] and "LEAKY" not in rows[2]
+    assert "never as a ranking" in text and "LEAKY rows: targets smoothed" in text
+    # a plain leaderboard refuses to mix protocols
+    assert main(["leaderboard", str(tmp_path / "honest"), str(tmp_path / "smooth")]) == 2
+    assert "different protocols" in capsys.readouterr().err
