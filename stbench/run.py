@@ -614,7 +614,12 @@ def _run_units(session: "UnitSession", run: RunDir, executor, units: list, invoc
 
         # a live bar on a terminal; one line per unit in logs (CI, nohup), where \r-redraws are noise
         tqdm_bar = tqdm(total=len(units), desc="stbench", unit="unit", file=sys.stderr, leave=False)
-    say = tqdm_bar.write if tqdm_bar is not None else progress
+
+    def say(message: str) -> None:  # a line above the bar, or a log line
+        if tqdm_bar is not None:
+            tqdm_bar.write(f"stbench: {message}", file=sys.stderr)
+        elif progress:
+            progress(message)
 
     def what(unit: Unit) -> str:
         if unit.fold == FIT_ALL:
@@ -645,8 +650,7 @@ def _run_units(session: "UnitSession", run: RunDir, executor, units: list, invoc
         if isinstance(outcome, UnitFailure):
             failures.append(outcome)
             atomic.write_text(error_path(run, unit), outcome.report())
-            if say:
-                say(f"stbench: {unit.name} failed: {outcome.error} [{finished}/{len(units)}]")
+            say(f"{unit.name} failed: {outcome.error} [{finished}/{len(units)}]")
         elif progress and tqdm_bar is None and unit not in announced:  # parallel executors: one line per result
             progress(f"{what(unit)} done in {outcome.seconds:.1f} s on {outcome.host} [{finished}/{len(units)}]")
         if tqdm_bar is not None:

@@ -220,6 +220,18 @@ def test_an_interrupted_jobs_run_stops_its_processes_and_resumes(tmp_path, monke
     assert len(pd.read_csv(out / "results.csv")) == 12
 
 
+def test_models_fitted_in_worker_processes_are_saved_by_the_driver(tmp_path):
+    """--save-models --fit-all: a worker returns the fitted state, the driver saves it as a local run does."""
+    saved = {}
+    for name, extra in (("local", []), ("jobs", ["--jobs", "2"])):
+        out = tmp_path / name
+        assert _run(out, "--save-models", "--fit-all", *extra, methods="ridge,mean") == 0
+        records = sorted((out / "models").glob("*/*/model.json"))
+        saved[name] = {str(r.relative_to(out)): json.loads(r.read_text())["weights"]["sha256"] for r in records}
+    assert len(saved["local"]) == 8 and "models/ridge/all/model.json" in saved["local"]  # 3 folds + all, 2 methods
+    assert saved["jobs"] == saved["local"]
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_a_unit_runs_its_declared_cpus_as_torch_threads(executor, ray_cluster, with_test_plugin, tmp_path,
                                                         one_torch_thread):
