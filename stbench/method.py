@@ -74,7 +74,7 @@ class FitContext:
 def training_slides(train, val, context: FitContext) -> list:
     """The slides the final model is fitted on under the refit rule: training and validation patients
     (``train + val``), or ``train`` alone when ``val`` is the test fold (``context.val_is_test``)."""
-    return list(train) + ([] if context.val_is_test else list(val))
+    return list(train) + ([] if getattr(context, "val_is_test", False) else list(val or []))
 
 
 @dataclass

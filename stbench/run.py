@@ -783,10 +783,13 @@ def compute_unit(session: UnitSession, unit: Unit) -> UnitResult:
         genes = store.panel(fold)
         train = [store.slide(s, genes) for s in fold.train]
         tests = [store.slide(s, genes) for s in fold.test]
-        # selection=test_fold: the sources' protocol (leaky, labelled in every table): the test slides,
-        # unmasked, select the checkpoint / penalty / epoch; the default selects on training patients
+        val = [store.slide(s, genes) for s in fold.val]
+        # selection=test_fold: the sources' protocol (leaky, labelled in every table): every training patient
+        # trains, and the test slides, unmasked, select the checkpoint / penalty / epoch (val_is_test: never
+        # fitted on); the default selects on training patients
         val_is_test = config.selection == "test_fold" and bool(tests)  # a --fit-all unit has no test slides
-        val = tests if val_is_test else [store.slide(s, genes) for s in fold.val]
+        if val_is_test:
+            train, val = train + val, tests
         method: Method = plan.plugins.methods.load(unit.method)(copy.deepcopy(plan.methods[unit.method]))
         # after building: the factory may be what imports torch
         with torch_threads(spec.resources.cpus):
