@@ -154,6 +154,7 @@ def stbench_register_methods(register):
             needs=frozenset({"expression", "coords", "image_features", "neighbour_features", "slide_context"}),
             # PHG2ST takes the prompt spots as input; the baselines' prompt fine-tuning does not apply
             finetune=False,
+            takes_prompts=True,  # stbench predict needs a slide's measured spots (--prompts FILE)
             test_settings=dict(dim=16, depth_global=2, heads_global=2, depth_neighbour=1, heads_neighbour=2,
                                depth_cross=1, heads_cross=2, epochs=2, max_spots=256),
             description="prompt-guided hypergraph transformer (slide-level; prompts as input)",

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from stbench.errors import ConfigError, DataError
-from stbench.method import FitContext, Method
+from stbench.method import FitContext, FittedState, Method
 from stbench.metrics import pcc
 from stbench.prompts import n_prompts, select_prompts
 from stbench.torch_method import group_by_slide, spot_pool
@@ -223,7 +223,8 @@ class PHG2ST(Method):
         stack = np.concatenate([s.features["spot"][s.features["spot_mask"]] for s in train])
         self.mu_, self.sd_ = stack.mean(0), stack.std(0)
         self.sd_[self.sd_ == 0] = 1.0
-        self.net = PHG2STNet(cfg, stack.shape[1], len(context.genes))
+        self.in_dim_, self.n_genes_ = int(stack.shape[1]), len(context.genes)  # what a saved network is rebuilt from
+        self.net = PHG2STNet(cfg, self.in_dim_, self.n_genes_)
         if cfg.init_bias_to_mean:
             mean = torch.from_numpy(np.concatenate([s.expr for s in train]).mean(0))
             for head in self.net.heads():
@@ -307,6 +308,28 @@ class PHG2ST(Method):
         pred = self._predict_with(slide, slide.prompt_idx, slide.prompt_expr)
         self._states.pop(slide.name, None)
         return pred
+
+    # -- saved models (stbench run --save-models, stbench predict) ---------------------------------
+    def get_state(self) -> FittedState:
+        arrays = {f"net.{k}": v.detach() for k, v in self.net.state_dict().items()}
+        arrays.update({"mu": torch.from_numpy(np.asarray(self.mu_, dtype=np.float32)),
+                       "sd": torch.from_numpy(np.asarray(self.sd_, dtype=np.float32))})
+        meta = {"in_dim": self.in_dim_, "n_genes": self.n_genes_, "seed": int(self.seed),
+                "history": self.history, "selection": getattr(self, "selection_", {})}
+        return FittedState(arrays, meta)
+
+    def set_state(self, state: FittedState, device: str = "cpu") -> None:
+        meta = state.meta
+        self.device = torch.device(device)
+        self.in_dim_, self.n_genes_ = int(meta["in_dim"]), int(meta["n_genes"])
+        self.net = PHG2STNet(self.config, self.in_dim_, self.n_genes_)
+        weights = {k[len("net."):]: torch.as_tensor(v) for k, v in state.arrays.items() if k.startswith("net.")}
+        self.net.load_state_dict(weights, strict=True)
+        self.net.to(self.device).eval()
+        self.mu_ = np.asarray(state.arrays["mu"], dtype=np.float32)
+        self.sd_ = np.asarray(state.arrays["sd"], dtype=np.float32)
+        self.seed, self.history, self.selection_ = int(meta["seed"]), list(meta["history"]), dict(meta["selection"])
+        self._states.clear()
 
     def summary(self):
         return {"epochs_run": len(self.history), **getattr(self, "selection_", {}), "device": str(self.device),
