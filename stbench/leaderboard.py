@@ -269,6 +269,9 @@ def render_study(run_dirs: list[Path], plugins, fmt: str = "md") -> str:
         flat = _flat_protocol(run["run"]["protocol"])
         diff = [f"{k}={flat.get(k)}" for k in sorted(set(flat) | set(ref))
                 if k.split(".")[0] not in _DESCRIPTIVE and flat.get(k) != ref.get(k)]
+        preset = run["run"]["protocol"].get("preset")
+        if preset != runs[0]["run"]["protocol"].get("preset"):  # other model settings: name the preset
+            diff.append(f"preset {str(preset).split(' ', 1)[0]}")
         label = ", ".join(diff) or "reference protocol"
         leaky = "LEAKY" if leaky_choices(run["run"]["protocol"]) else ""
         rows, _ = summary_rows([run["dir"]], STUDY_COLUMNS)
