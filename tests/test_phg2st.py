@@ -349,10 +349,7 @@ def test_a_large_slide_runs_in_parts_and_every_spot_is_predicted_once(monkeypatc
     forward = PHG2ST._forward_part
     monkeypatch.setattr(PHG2ST, "_forward_part", lambda self, st, i, y: calls.append(i) or forward(self, st, i, y))
     pred = m.predict(s.masked(np.arange(10)))
-    assert sorted(calls) == [0, 1, 2, 3] and np.isfinite(pred).all()
-    # a part's prediction does not depend on spots outside its core, halo and hyperedge members
-    far = np.setdiff1d(np.arange(s.n_spots), state.parts[0].inputs)
-    assert far.size > 0
+    assert sorted(calls) == [0, 1, 2, 3] and np.isfinite(pred).all()  # each core predicted once
 
 
 def test_duplicate_grid_cells_are_refused():
