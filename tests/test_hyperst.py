@@ -13,7 +13,7 @@ import torch
 from stbench.benchmark import resolve_config
 from stbench.cli import main
 from stbench.plugins import load_plugins
-from stbench.run import SlideStore, execute, resolve_plan
+from stbench.run import SlideStore, resolve_plan
 from stbench_plugins.hyperst import HyperSTConfig, hyperst_needs
 from stbench_plugins.hyperst.model import HyperST, HyperSTNet, build_backbone
 

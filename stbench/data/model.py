@@ -132,7 +132,7 @@ class Section:
             with Image.open(self.image_path) as im:
                 return np.asarray(im.convert("RGB"))
         except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for truncated or corrupt files
-            from stbench.images.features import image_error
+            from stbench.images.region import image_error
 
             raise image_error(self, exc) from None
 

@@ -30,8 +30,6 @@ from stbench.data.model import Section
 from stbench.images import region
 from stbench.images.encoder import Encoder
 from stbench.images.geometry import PatchSpec, inside_fraction, patch_boxes
-# image_error is imported from here by stbench.data.model (Section.read_image)
-from stbench.images.region import image_error  # noqa: F401
 
 #: bump when extraction changes in a way that changes features
 EXTRACTION_VERSION = 2
