@@ -10,8 +10,8 @@ import numpy as np
 from stbench import benchmark
 from stbench import config as cfg
 from stbench.data.checks import load_checked
+from stbench.datasets import open_dataset
 from stbench.data.expression import read_panel_file
-from stbench.specs import resolve
 
 
 def _panel(conf, base, dataset) -> tuple[Optional[list[str]], str]:
@@ -37,12 +37,8 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
     from stbench.plugins import get_plugins
 
     conf, base = benchmark.resolve_config(name, sets=sets)
-    plugins = get_plugins()
-    spec = plugins.datasets.get(conf.dataset, "stbench data check NAME (a dataset or a benchmark definition)")
-    if conf.dataset_options and not spec.options:
-        raise cfg.ConfigError(f"dataset {conf.dataset} takes no dataset_options")
-    options = cfg.build(spec.options, conf.dataset_options, "dataset_options") if spec.options else None
-    dataset = resolve(spec.factory)(Path(data_dir).expanduser() if data_dir else None, options)
+    dataset = open_dataset(get_plugins(), conf.dataset, conf.dataset_options, data_dir,
+                           "stbench data check NAME (a dataset or a benchmark definition)")
     panel, panel_name = _panel(conf, base, dataset)
     rows = []
     pictures = []

@@ -541,15 +541,13 @@ def _read_json(path: Path) -> dict:
 def _open_dataset(config, data_dir=None):
     """The run's dataset, opened from its resolved config (as :func:`stbench.run.resolve_plan` does), or
     None with a warning when it is not there any more (the maps are then drawn without the H&E)."""
-    from stbench import config as cfg
+    from stbench.datasets import open_dataset
     from stbench.plugins import get_plugins
 
     plugins = get_plugins()
     where = data_dir or config.data_dir
     try:
-        spec = plugins.datasets.get(config.dataset, "the run's config key dataset")
-        options = cfg.build(spec.options, config.dataset_options, "dataset_options") if spec.options else None
-        return plugins.datasets.load(config.dataset)(Path(where).expanduser() if where else None, options)
+        return open_dataset(plugins, config.dataset, config.dataset_options, where, "the run's config key dataset")
     except StbenchError as exc:
         if data_dir:  # the user named the folder: that it does not work is an error
             raise

@@ -137,15 +137,13 @@ def _open_sections(request: PredictRequest, record: dict, plugins, needs_images:
         return "image", [spots_on_tissue(Path(request.image), float(request.mpp), pitch, diameter, lattice)]
     from stbench.benchmark import resolve_config
     from stbench.data.checks import load_checked
+    from stbench.datasets import open_dataset
 
     conf, _ = resolve_config(request.dataset, None, None, {"data_dir": request.data_dir} if request.data_dir else None)
-    dspec = plugins.datasets.get(conf.dataset, "option --dataset")
     options = conf.dataset_options
     if not options and conf.dataset == (record.get("dataset") or {}).get("name"):
         options = record["dataset"].get("options") or {}  # the model's own dataset, as the run generated it
-    built = cfg.build(dspec.options, options, "dataset_options") if dspec.options else None
-    data_dir = Path(conf.data_dir).expanduser() if conf.data_dir else None
-    dataset = plugins.datasets.load(conf.dataset)(data_dir, built)
+    dataset = open_dataset(plugins, conf.dataset, options, conf.data_dir)
     infos = {i.name: i for i in dataset.sections()}
     if request.slides:
         unknown = [s for s in request.slides if s not in infos]

@@ -43,6 +43,7 @@ from stbench.benchmark import panel_path
 from stbench.data.expression import (UNITS, check_smoothing, high_mean_high_variance_genes, highly_variable_genes,
                                      make_slide, read_panel_file, top_expressed_genes)
 from stbench.data.checks import load_checked
+from stbench.datasets import open_dataset
 from stbench.data.model import Section, SectionInfo, Slide
 from stbench.errors import ConfigError, DataError
 from stbench.method import FinetuneSettings, FitContext, FittedState, Method
@@ -125,12 +126,7 @@ def resolve_plan(config: cfg.RunConfig, method_names: list[str], out_dir: Path, 
             from stbench.models import cannot_save
 
             raise cannot_save(name, type(built))
-    dspec = plugins.datasets.get(config.dataset, "option --dataset")
-    options = cfg.build(dspec.options, config.dataset_options, "dataset_options") if dspec.options else None
-    if config.dataset_options and not dspec.options:
-        raise ConfigError(f"dataset {config.dataset} takes no dataset_options")
-    data_dir = Path(config.data_dir).expanduser() if config.data_dir else None
-    dataset = plugins.datasets.load(config.dataset)(data_dir, options)
+    dataset = open_dataset(plugins, config.dataset, config.dataset_options, config.data_dir)
 
     sections = list(dataset.sections())
     measured = [s for s in sections if s.has_counts]
