@@ -153,6 +153,16 @@ def read_yaml(path: Path, what: str) -> dict:
     return data
 
 
+def flatten(d: Any, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: nested settings as dotted keys (to name what differs)."""
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}."))
+    return out
+
+
 def parse_set(items: list[str]) -> dict:
     """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are read as YAML scalars."""
     out: dict = {}

@@ -234,15 +234,6 @@ def sweep_table(runs: list[dict], ratios: list[float], rows: list[dict]) -> dict
 _DESCRIPTIVE = {"benchmark", "version", "description", "caveats", "preset", "dataset_options"}
 
 
-def _flat_protocol(d, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix[:-1]: d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat_protocol(v, f"{prefix}{k}."))
-    return out
-
-
 STUDY_COLUMNS = [("pcc", "PCC"), ("pcc_all", "PCC (all spots)"), ("mae", "MAE"), ("mae_all", "MAE (all spots)"),
                  ("ccc", "CCC")]
 
@@ -259,14 +250,16 @@ def render_study(run_dirs: list[Path], plugins, fmt: str = "md") -> str:
         raise ConfigError(f"a protocol study is written as md or csv, not {fmt!r} (option --format)")
     from tabulate import tabulate
 
+    from stbench import config as cfg
+
     runs = [_read_run(Path(d)) for d in run_dirs]
-    ref = _flat_protocol(runs[0]["run"]["protocol"])
+    ref = cfg.flatten(runs[0]["run"]["protocol"])
     tests = {json.dumps([f.get("test") if isinstance(f, dict) else f for f in r["run"].get("folds") or []]) for r in runs}
     if len(tests) > 1:
         raise ConfigError("the runs of a protocol study must test the same sections in the same folds")
     body, records = [], []
     for run in runs:
-        flat = _flat_protocol(run["run"]["protocol"])
+        flat = cfg.flatten(run["run"]["protocol"])
         diff = [f"{k}={flat.get(k)}" for k in sorted(set(flat) | set(ref))
                 if k.split(".")[0] not in _DESCRIPTIVE and flat.get(k) != ref.get(k)]
         preset = run["run"]["protocol"].get("preset")

@@ -247,18 +247,9 @@ def _protocol(config: cfg.RunConfig) -> dict:
     return out
 
 
-def _flat(d: Any, prefix: str = "") -> dict:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
-
-
 def _differences(old: dict, new: dict, limit: int = 4) -> str:
     """``"seed 0 → 1, prompt.ratio 0.1 → 0.2"``: what differs between two settings mappings."""
-    a, b = _flat(old), _flat(new)
+    a, b = cfg.flatten(old), cfg.flatten(new)
     keys = [k for k in dict.fromkeys([*a, *b]) if a.get(k, "(absent)") != b.get(k, "(absent)")]
     text = ", ".join(f"{k} {a.get(k, '(absent)')} → {b.get(k, '(absent)')}" for k in keys[:limit])
     return text + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
