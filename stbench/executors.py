@@ -99,12 +99,18 @@ class LocalExecutor:
                 done(futures[future], outcome)
         except BaseException:
             # interrupted (or the driver failed to write): stop the workers now, not after their units
-            processes = list((getattr(pool, "_processes", None) or {}).values())  # no public API for this
+            # the workers' table (no public API lists them); the pool's manager thread shares it and may still
+            # start a worker after a first look, so look until none is alive
+            workers = getattr(pool, "_processes", None) or {}
             pool.shutdown(wait=False, cancel_futures=True)
-            for process in processes:
-                process.terminate()
-            for process in processes:
-                process.join(timeout=10)
+            for _ in range(5):
+                processes = [p for p in list(workers.values()) if p.is_alive()]
+                if not processes:
+                    break
+                for process in processes:
+                    process.terminate()
+                for process in processes:
+                    process.join(timeout=10)
             raise
         pool.shutdown()
 
