@@ -9,6 +9,7 @@ import numpy as np
 
 from stbench import benchmark
 from stbench import config as cfg
+from stbench.data.csr import as_scipy, row_sums
 from stbench.data.checks import load_checked
 from stbench.datasets import open_dataset
 from stbench.data.expression import read_panel_file
@@ -51,7 +52,7 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
             progress(f"section {info.name} ({i}/{len(infos)})" + (", drawing its overview" if info.has_image else ""))
         s = load_checked(dataset, info.name)
         has_counts = s.counts is not None  # an image to predict, without measured expression
-        library = np.asarray(s.counts.sum(axis=1)).ravel() if has_counts else np.ones(s.n_spots)
+        library = row_sums(s.counts) if has_counts else np.ones(s.n_spots)
         qc = getattr(dataset, "qc", {}).get(info.name, {})
         without = qc.get("n_spotfile_rows_without_counts", 0)
         constant = "-"
@@ -60,7 +61,7 @@ def check_dataset(name: str, data_dir: Optional[str] = None, out_dir: Optional[s
             index = {g: i for i, g in enumerate(s.genes)}
             present = [index[g] for g in panel if g in index]
             missing = str(len(panel) - len(present))
-            sub = s.counts[:, present].tocsc()
+            sub = as_scipy(s.counts)[:, present].tocsc()
             mins = sub.min(axis=0).toarray().ravel()
             maxs = sub.max(axis=0).toarray().ravel()
             constant = str(int((mins == maxs).sum()))

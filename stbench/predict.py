@@ -297,7 +297,7 @@ def predict(request: PredictRequest, plugins, progress: Optional[Callable[[str],
     for section in sections:
         measured = section.has_counts
         if measured:
-            have = set(np.asarray(section.genes, dtype=str).tolist())
+            have = section.gene_index
             lacking = [g for g in genes if g not in have]
             if lacking:
                 warnings.warn(f"section {section.name} lacks {len(lacking)} of the model's panel genes (e.g. "

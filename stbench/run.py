@@ -228,13 +228,39 @@ def git_revision() -> Optional[str]:
         return None
 
 
+#: the libraries whose versions every run records
+RECORDED_PACKAGES = ("numpy", "scipy", "pandas", "anndata", "pluggy", "torch", "timm", "peft", "torch-geometric")
+
+
+def installed_versions(packages) -> dict:
+    """Each package's installed version (None when absent), from the ``<name>-<version>.dist-info``
+    folder names on ``sys.path`` (one listing per folder; importlib.metadata.version reads every
+    distribution's metadata per call, 10 ms of an everyday run), falling back to importlib.metadata
+    for packages installed otherwise (e.g. .egg-info)."""
+    folders: dict[str, str] = {}
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info") and "-" in name:
+                dist, version = name[: -len(".dist-info")].split("-", 1)
+                folders.setdefault(dist.lower().replace("_", "-").replace(".", "-"), version)
+    out = {}
+    for pkg in packages:
+        out[pkg] = folders.get(pkg.lower().replace("_", "-").replace(".", "-"))
+        if out[pkg] is None:
+            try:
+                out[pkg] = importlib.metadata.version(pkg)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+    return out
+
+
 def versions() -> dict:
     out = {"python": sys.version.split()[0], "platform": platform.platform(), "stbench": stbench.__version__}
-    for pkg in ("numpy", "scipy", "pandas", "anndata", "pluggy", "torch", "timm", "peft", "torch-geometric"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
+    out.update(installed_versions(RECORDED_PACKAGES))
     out["stbench_git"] = git_revision()
     return out
 
@@ -356,7 +382,7 @@ class SlideStore:
 
     def _check_panel(self, genes: list[str], source: str) -> None:
         for info in self.plan.sections:
-            measured = set(np.asarray(self.section(info.name).genes, dtype=str).tolist())  # sets: np.isin on strings is slow
+            measured = self.section(info.name).gene_index  # a dict: np.isin on strings is slow
             missing = [g for g in genes if g not in measured]
             if missing:
                 raise DataError(

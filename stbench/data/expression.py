@@ -18,34 +18,36 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
+from stbench.data.csr import as_scipy, dense_columns, row_sums
 from stbench.data.model import Section, Slide
 from stbench.errors import ConfigError, DataError
 
 
-def _library_scaled(counts: sp.csr_matrix, library: np.ndarray, target: float) -> np.ndarray:
+# Counts come in CSR form (stbench.data.csr): these read its arrays with numpy alone, so that the
+# everyday run never imports scipy.
+
+
+def _library_scaled(dense_counts: np.ndarray, library: np.ndarray, target: float) -> np.ndarray:
     # Guard zero-count spots: their scale factor is 0, so they normalise to 0 instead of NaN.
     scale = np.divide(target, library, out=np.zeros_like(library, dtype=np.float64), where=library > 0)
-    return np.asarray(counts.multiply(scale[:, None]).todense(), dtype=np.float64)
+    return dense_counts * scale[:, None]
 
 
-def cpm_log1p(counts_all: sp.csr_matrix, panel_cols: np.ndarray) -> np.ndarray:
-    library = np.asarray(counts_all.sum(axis=1)).ravel().astype(np.float64)
-    return np.log1p(_library_scaled(counts_all[:, panel_cols], library, 1e6))
+def cpm_log1p(counts_all, panel_cols: np.ndarray) -> np.ndarray:
+    return np.log1p(_library_scaled(dense_columns(counts_all, panel_cols), row_sums(counts_all), 1e6))
 
 
-def cp10k_panel_log1p(counts_all: sp.csr_matrix, panel_cols: np.ndarray) -> np.ndarray:
-    panel = counts_all[:, panel_cols]
-    library = np.asarray(panel.sum(axis=1)).ravel().astype(np.float64)
-    return np.log1p(_library_scaled(panel, library, 1e4))
+def cp10k_panel_log1p(counts_all, panel_cols: np.ndarray) -> np.ndarray:
+    panel = dense_columns(counts_all, panel_cols)
+    return np.log1p(_library_scaled(panel, panel.sum(axis=1), 1e4))
 
 
-def log2_raw(counts_all: sp.csr_matrix, panel_cols: np.ndarray) -> np.ndarray:
-    return np.log2(1.0 + np.asarray(counts_all[:, panel_cols].todense(), dtype=np.float64))
+def log2_raw(counts_all, panel_cols: np.ndarray) -> np.ndarray:
+    return np.log2(1.0 + dense_columns(counts_all, panel_cols))
 
 
-NORMALISATIONS: dict[str, Callable[[sp.csr_matrix, np.ndarray], np.ndarray]] = {
+NORMALISATIONS: dict[str, Callable[[object, np.ndarray], np.ndarray]] = {
     "cpm_log1p": cpm_log1p,
     "cp10k_panel_log1p": cp10k_panel_log1p,
     "log2_raw": log2_raw,
@@ -59,7 +61,7 @@ UNITS = {
 }
 
 
-def normaliser(name: str) -> Callable[[sp.csr_matrix, np.ndarray], np.ndarray]:
+def normaliser(name: str) -> Callable[[object, np.ndarray], np.ndarray]:
     if name not in NORMALISATIONS:
         raise ConfigError(f"unknown normalisation {name!r} (key normalisation); choose one of {', '.join(NORMALISATIONS)}")
     return NORMALISATIONS[name]
@@ -96,7 +98,7 @@ def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche
     """Restrict a section to ``genes`` (in that order) and normalise it. ``niche``: also compute each
     spot's niche expression profile (:func:`niche_expression`). ``smoothing``: "grid3x3" smooths the
     normalised expression (:func:`smooth_grid3x3`; the niche profiles are left as they are)."""
-    position = {g: i for i, g in enumerate(np.asarray(section.genes, dtype=str).tolist())}
+    position = section.gene_index
     cols = np.array([position.get(str(g), -1) for g in genes], dtype=np.int64)
     missing = [g for g, c in zip(genes, cols) if c < 0]
     if missing:
@@ -106,8 +108,7 @@ def make_slide(section: Section, genes: Sequence[str], normalisation: str, niche
             "(key panel) or check the gene symbols"
         )
     cols = cols.astype(np.int64)
-    counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
-    expr = normaliser(normalisation)(sp.csr_matrix(counts), cols).astype(np.float32)
+    expr = normaliser(normalisation)(section.counts, cols).astype(np.float32)
     if check_smoothing(smoothing) == "grid3x3":
         expr = smooth_grid3x3(expr, section.grid)
     niche_expr, niche_complete = niche_expression(section, cols, normalisation) if niche else (None, None)
@@ -140,6 +141,8 @@ def niche_expression(section: Section, panel_cols: np.ndarray, normalisation: st
 
     Returns ``(expr (N, G) float32, complete (N,) bool)``.
     """
+    import scipy.sparse as sp
+
     from stbench.images.geometry import lattice_neighbours
 
     neighbours = lattice_neighbours(section.grid, section.lattice)
@@ -148,8 +151,7 @@ def niche_expression(section: Section, panel_cols: np.ndarray, normalisation: st
     weights = np.concatenate([np.full(len(nb) + 1, 1.0 / (len(nb) + 1)) for nb in neighbours])
     n = section.n_spots
     average = sp.csr_matrix((weights, (rows, cols)), shape=(n, n))
-    counts = section.counts if sp.issparse(section.counts) else sp.csr_matrix(section.counts)
-    mean_counts = sp.csr_matrix(average @ sp.csr_matrix(counts, dtype=np.float64))
+    mean_counts = sp.csr_matrix(average @ as_scipy(section.counts).astype(np.float64))
     expr = normaliser(normalisation)(mean_counts, np.asarray(panel_cols)).astype(np.float32)
     complete = np.array([len(nb) == NICHE_SIZE[section.lattice] for nb in neighbours], dtype=bool)
     return expr, complete
@@ -183,6 +185,8 @@ def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int =
     ``n_bins`` bins of mean expression; the ``n_top`` highest, ties broken by name. ``candidates``
     restricts the choice (the harness passes the genes measured in every section of the run).
     """
+    import scipy.sparse as sp
+
     common = set(sections[0].genes)
     for s in sections[1:]:
         common &= set(s.genes)
@@ -195,7 +199,7 @@ def highly_variable_genes(sections: Sequence[Section], n_top: int, n_bins: int =
     for s in sections:
         index = {g: i for i, g in enumerate(s.genes)}
         cols = np.array([index[g] for g in genes])
-        counts = sp.csr_matrix(s.counts)
+        counts = as_scipy(s.counts)
         library = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
         target = float(np.median(library[library > 0])) if np.any(library > 0) else 1.0
         scale = np.divide(target, library, out=np.zeros_like(library), where=library > 0)
@@ -237,7 +241,7 @@ def top_expressed_genes(sections: Sequence[Section], n_top: int, candidates: "se
     total = np.zeros(len(genes))
     for s in sections:
         index = {str(g): i for i, g in enumerate(s.genes)}
-        total += np.asarray(sp.csr_matrix(s.counts)[:, [index[g] for g in genes]].sum(axis=0)).ravel()
+        total += dense_columns(s.counts, [index[g] for g in genes]).sum(axis=0)
     order = sorted(range(len(genes)), key=lambda i: (-total[i], genes[i]))
     return [genes[i] for i in order[:n_top]]
 
@@ -278,9 +282,9 @@ def high_mean_high_variance_genes(sections: Sequence[Section], n_top: int = 200,
     n = 0
     for s in sections:
         index = {g: i for i, g in enumerate(s.genes)}
-        x = sp.csr_matrix(s.counts)[:, [index[g] for g in genes]].astype(np.float64)
-        total += np.asarray(x.sum(axis=0)).ravel()
-        total_sq += np.asarray(x.multiply(x).sum(axis=0)).ravel()
+        x = dense_columns(s.counts, [index[g] for g in genes])
+        total += x.sum(axis=0)
+        total_sq += (x * x).sum(axis=0)
         n += x.shape[0]
     mean = total / n
     std = np.sqrt(np.maximum(total_sq / n - mean**2, 0.0) * n / max(n - 1, 1))

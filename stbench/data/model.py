@@ -17,6 +17,7 @@ with prompt spots when some were measured separately.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -52,8 +53,10 @@ class Section:
         patient: patient id; sections of one patient are never split between train and test.
         spot_ids: (N,) spot identifiers (``"<x>x<y>"`` for legacy ST).
         genes: (G_all,) gene symbols of ``counts``' columns.
-        counts: (N, G_all) raw UMI counts, a ``scipy.sparse.csr_matrix`` of integers; ``None`` for a
-            section nothing was measured on (``genes`` is then empty).
+        counts: (N, G_all) raw UMI counts: a scipy sparse matrix (CSR preferred), a dense array, or a
+            :class:`stbench.data.csr.CSRCounts` (CSR arrays read without scipy; it behaves as a scipy
+            matrix on use); ``None`` for a section nothing was measured on (``genes`` is then empty).
+            Read them through ``stbench.data.csr`` (``row_sums``, ``dense_columns``, ``as_scipy``).
         grid: (N, 2) integer array coordinates (x = column, y = row).
         pixel: (N, 2) spot centre (x, y) in full-resolution image pixels.
         mpp: microns per full-resolution pixel, or ``None`` if the section has no image frame.
@@ -72,7 +75,7 @@ class Section:
     patient: str
     spot_ids: np.ndarray
     genes: np.ndarray
-    counts: "object"  # scipy.sparse.csr_matrix; typed loosely so this module imports without scipy
+    counts: "object"  # see above; typed loosely so this module imports without scipy
     grid: np.ndarray
     pixel: np.ndarray
     mpp: Optional[float]
@@ -83,6 +86,11 @@ class Section:
     image_loader: Optional[Callable[[], np.ndarray]] = field(default=None, repr=False)
     image_key: Optional[str] = None
     source_files: tuple = ()
+
+    @functools.cached_property
+    def gene_index(self) -> dict[str, int]:
+        """Gene symbol -> column of ``counts`` (built once: panel checks and every fold's slide use it)."""
+        return {g: i for i, g in enumerate(np.asarray(self.genes, dtype=str).tolist())}
 
     @property
     def n_spots(self) -> int:

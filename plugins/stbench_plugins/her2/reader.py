@@ -49,9 +49,9 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import scipy.sparse as sp
 
 from stbench.atomic import atomic_path
+from stbench.data.csr import CSRCounts, csr_problem
 from stbench.data.model import Dataset, Section, SectionInfo
 from stbench.errors import DataError
 from stbench.paths import cache_dir, default_data_dir
@@ -169,7 +169,8 @@ class Her2Dataset(Dataset):
             _write_cache(cache_file, arrays)
 
         image = self.image_path(name)
-        counts = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
+        # the CSR arrays as they are: an everyday run then never imports scipy (stbench.data.csr)
+        counts = CSRCounts(arrays["data"], arrays["indices"], arrays["indptr"], tuple(arrays["shape"]))
         mpp = float(arrays["mpp"])
         qc_keys = ("n_spotfile_rows", "n_spotfile_rows_without_counts", "n_unselected")
         self.qc[name] = {k: int(arrays[k]) for k in qc_keys} | {"px_per_step": float(arrays["px_per_step"])}
@@ -211,6 +212,7 @@ class Her2Dataset(Dataset):
 def _parse(counts_path: Path, spots_path: Path) -> dict:
     """Read, validate and join one section's two files into the arrays that are cached."""
     import pandas as pd
+    import scipy.sparse as sp
 
     spot_ids, genes, values = _read_counts(counts_path)
     row_ids, new, pixel, selected = _read_spots(spots_path)
@@ -372,7 +374,8 @@ def _read_cache(path: Path) -> Optional[dict]:
         # Our own handle, so that it is closed even when np.load fails on a damaged file.
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
             arrays = {k: z[k] for k in _CACHE_KEYS}
-        sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=tuple(arrays["shape"]))
+        if csr_problem(arrays["indices"], arrays["indptr"], len(arrays["data"]), tuple(arrays["shape"])):
+            return None
     except Exception:  # noqa: BLE001 - any unreadable or foreign file: the cache is only a speed-up, re-parse
         return None
     return arrays
