@@ -46,7 +46,7 @@ The PH2ST code's behaviour, each an option named after it (METHODS.md §8.2–8.
 ``heads=code``, ``prompt_residual=True``, ``pyg_compat=True``, ``eval_dropout=True``,
 ``batching=spots`` (with ``batch_size`` 256 and ``train_prompt_ratio`` 0.1), ``optimizer=code``;
 ``loss_on`` is the paper's open question (AMB-23): ``all`` as the code, ``non_prompt`` as an option.
-The code's 16-bit mixed precision is not reproduced.
+The code's 16-bit mixed precision is ``precision="16-mixed"`` (off: float32 by default).
 
 Ablations the paper did not run: ``use_prompt=False`` (a learned constant query replaces the prompt
 embedding), ``use_spot_hypergraph=False``, ``use_neighbour_hypergraph=False``.
@@ -142,6 +142,14 @@ class PHG2STConfig:
     init: str = "torch"
     #: start every prediction head's bias at the training mean expression (not in the sources)
     init_bias_to_mean: bool = True
+    # -- speed (results differ as with another seed; off by default so published rows reproduce) ----
+    #: "32": float32 throughout (the paper is silent); "bf16-mixed" / "16-mixed": autocast to bfloat16
+    #: / float16 in training and prediction, as the PH2ST code's 16-bit mixed precision (float16 on a
+    #: GPU, with loss scaling; a CPU computes bfloat16 fastest: 1.35x per training step here)
+    precision: str = "32"
+    #: "torch": F.dropout's Bernoulli masks; "uniform": the same distribution drawn as uniform numbers,
+    #: 3x cheaper per element on a CPU (stbench_plugins.phg2st.network.uniform_dropout)
+    dropout_masks: str = "torch"
     # the device is the harness's (FitContext.device: CUDA when present, --device to override)
 
 

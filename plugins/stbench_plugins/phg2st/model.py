@@ -32,7 +32,11 @@ CHOICES = {
     "batching": ("slide", "spots"),
     "optimizer": ("paper", "code"),
     "init": ("torch", "trunc_normal"),
+    "precision": ("32", "bf16-mixed", "16-mixed"),
+    "dropout_masks": ("torch", "uniform"),
 }
+#: the autocast type of each mixed precision
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 #: optimizer="code": ReduceLROnPlateau on the validation PCC (PH2ST config: factor 0.1, patience 10)
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.1, 10
 
@@ -124,6 +128,11 @@ class PHG2ST(Method):
         return state
 
     # -- forward passes ---------------------------------------------------------------------------
+    def _autocast(self):
+        """The forward passes' precision (PHG2STConfig.precision); parameters stay float32."""
+        dtype = AUTOCAST.get(self.config.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def _spot_tokens(self, state: SlideState, i: int) -> torch.Tensor:
         """T_s of the core spots of part ``i`` (the part and its halo encoded together)."""
         t = state.tensors[i]
@@ -231,6 +240,8 @@ class PHG2ST(Method):
                 head.bias.data.copy_(mean)
         self.net.to(self.device)
         optimizer, scheduler = self._optimiser()
+        # float16 gradients underflow without loss scaling (the code's Lightning precision=16 scales too)
+        scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "16-mixed")
         states = [self._prepare(s) for s in train]
         strategy = context.prompt_selector or context.prompt_strategy
         self._val_prompts = {s.name: select_prompts(strategy, s.positions_um(), context.prompt_ratio, s.name, context.seed)
@@ -243,7 +254,9 @@ class PHG2ST(Method):
             self.net.train()
             losses = []
             for forward, truth, prompt in self._steps(states, train, rng):
-                p_z, branches = forward()
+                with self._autocast():
+                    p_z, branches = forward()
+                p_z, branches = p_z.float(), [b.float() for b in branches]
                 target = torch.from_numpy(truth).to(self.device)
                 if cfg.loss_on == "non_prompt":
                     keep = torch.ones(len(truth), dtype=torch.bool, device=self.device)
@@ -251,14 +264,19 @@ class PHG2ST(Method):
                     p_z, branches, target = p_z[keep], [b[keep] for b in branches], target[keep]
                 loss = phg2st_loss(p_z, branches, target, cfg.lam)
                 optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 losses.append(float(loss.detach()))
             train_loss = float(np.mean(losses))
             score = self._validate(val) if val else -train_loss
             self.history.append({"epoch": epoch, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                                  "val_pcc": score if val else None})
-            scheduler.step(score) if cfg.optimizer == "code" else scheduler.step()
+            with warnings.catch_warnings():
+                # loss scaling skips the steps whose float16 gradients overflowed (while it finds its
+                # scale): torch then warns that the schedule stepped before the optimizer, as intended
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+                scheduler.step(score) if cfg.optimizer == "code" else scheduler.step()
             if score > best:
                 best, best_epoch, stale = score, epoch, 0
                 best_state = copy.deepcopy(self.net.state_dict())
@@ -285,7 +303,7 @@ class PHG2ST(Method):
         out = np.zeros_like(y_masked)
         devices = [self.device] if self.device.type == "cuda" else []
         # eval_dropout (PH2ST code) draws dropout masks at prediction: seeded, so a prediction repeats
-        with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices), self._autocast():
             torch.manual_seed(self.seed)
             for i, part in enumerate(state.parts):
                 p_z, _ = self._forward_part(state, i, y_masked[part.core])
