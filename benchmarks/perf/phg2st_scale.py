@@ -16,13 +16,22 @@ neighbour features, 785 genes), so no image is decoded; what is timed is the met
 slide: the fit's warning about it is expected. Peak memory is the process's maximum resident set size.
 The load average is printed: other jobs on the cores distort the times badly.
 
-Measured here (100,000 spots, width 128; the machine shared, load average 3-4 on 2 cores), back to back:
-before issue 12 (chunks with their own hypergraphs, no attention dropout) 638 s for the epoch with its
-hypergraphs and 141 s to predict; now 7 s + 1,304 s and 181 s with the default attention dropout 0.3
-(the PH2ST code's: on a CPU it rules out the fused attention kernel, about 6x slower per attention at
-1,800 tokens), 2 s + 682 s and 241 s with ``--set attn_dropout_global=0``. At width 128 the neighbour
-encoder alone is about 12 TFLOP per epoch (forward and backward), so a 100,000-spot epoch stays well
-above a minute on 2 CPU cores.
+Measured here, 100,000 spots at width 128 (64 parts: cores of at most 1,563 spots, 1,842 spots
+encoded per part on average), the machine otherwise idle (load average 1.9 = this job on 2 cores):
+
+| settings | epoch | predict | peak memory |
+| --- | --- | --- | --- |
+| defaults | 392 s | 54 s | 7.8 GB |
+| ``--set precision=bf16-mixed --set dropout_masks=uniform`` | 233 s | 38 s | 6.1 GB |
+| the same and ``--set attn_dropout_global=0`` | 150 s | 43 s | 5.4 GB |
+
+(Before issue 12, on a loaded machine: 638 s for the epoch; with the defaults of issue 12 on that
+loaded machine 1,304 s: loaded figures are 2-3x the idle ones.) Profiles of one training step on a
+part (torch.profiler): without attention dropout, drawing torch's Bernoulli dropout masks is 29 % of
+the step; the global attention dropout 0.3 (the PH2ST code's) makes torch materialise every attention
+matrix (about 6x slower than the fused kernel). With both speed options and no attention dropout, the
+matrix products and fused attention alone take 1.1 s of a 2.2 s step on a 1,563-spot core (about 68 s
+per epoch in bfloat16), so an epoch under a minute needs a GPU or a narrower model on this machine.
 """
 
 from __future__ import annotations
