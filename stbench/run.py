@@ -970,8 +970,9 @@ def score_slide(plugins: Plugins, spec, metric_specs, pred: np.ndarray, truth: n
     scored = ~np.asarray(is_prompt, dtype=bool) if scored is None else np.asarray(scored, dtype=bool)
     slide_level = [m for m in metric_specs if m.level == "slide"]
     row: dict = {}
+    pred_scored, truth_scored = pred[scored], truth[scored]  # one copy for every metric
     for m in slide_level:
-        row.update(_metric_columns(m.name, plugins.metrics.load(m.name, "func")(pred[scored], truth[scored]), spec, m))
+        row.update(_metric_columns(m.name, plugins.metrics.load(m.name, "func")(pred_scored, truth_scored), spec, m))
     for m in slide_level:
         row.update(_metric_columns(f"{m.name}_all", plugins.metrics.load(m.name, "func")(pred, truth), spec, m))
     return row
