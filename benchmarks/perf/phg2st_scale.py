@@ -21,12 +21,14 @@ encoded per part on average), the machine otherwise idle (load average 1.9 = thi
 
 | settings | epoch | predict | peak memory |
 | --- | --- | --- | --- |
+| before issue 12 (commit bdbc73b: parts without halos, no attention dropout; its own script) | 288 s | 58 s | 6.8 GB |
 | defaults | 392 s | 54 s | 7.8 GB |
 | ``--set precision=bf16-mixed --set dropout_masks=uniform`` | 233 s | 38 s | 6.1 GB |
 | the same and ``--set attn_dropout_global=0`` | 150 s | 43 s | 5.4 GB |
 
-(Before issue 12, on a loaded machine: 638 s for the epoch; with the defaults of issue 12 on that
-loaded machine 1,304 s: loaded figures are 2-3x the idle ones.) Profiles of one training step on a
+(On a loaded machine the same two took 638 s and 1,304 s: loaded figures are 2-3x the idle ones.)
+The defaults cost more than before issue 12 because the halos add 18 % encoded spots and the global
+attention dropout of both sources is on. Profiles of one training step on a
 part (torch.profiler): without attention dropout, drawing torch's Bernoulli dropout masks is 29 % of
 the step; the global attention dropout 0.3 (the PH2ST code's) makes torch materialise every attention
 matrix (about 6x slower than the fused kernel). With both speed options and no attention dropout, the
