@@ -113,15 +113,21 @@ def test_fit_never_sees_test_sections_and_predict_only_masked_slides(spy, tmp_pa
         assert seen["n_prompts"] > 0
 
 
-def test_hvg_panels_are_chosen_on_each_folds_training_sections(spy, tmp_path, monkeypatch):
+def _record_panel_choices(monkeypatch, chooser: str) -> list:
+    """The section names each call of ``stbench.run.<chooser>`` chose a panel on, as the run makes them."""
     chosen_on = []
-    real = stbench.run.highly_variable_genes
+    real = getattr(stbench.run, chooser)
 
     def recording(sections, n_top, *args, **kwargs):
         chosen_on.append(sorted(s.name for s in sections))
         return real(sections, n_top, *args, **kwargs)
 
-    monkeypatch.setattr(stbench.run, "highly_variable_genes", recording)
+    monkeypatch.setattr(stbench.run, chooser, recording)
+    return chosen_on
+
+
+def test_hvg_panels_are_chosen_on_each_folds_training_sections(spy, tmp_path, monkeypatch):
+    chosen_on = _record_panel_choices(monkeypatch, "highly_variable_genes")
     out = tmp_path / "hvg"
     assert main(["run", "--methods", "spy", "--out", str(out), "--quiet", "--set", "panel.hvg=20", *SMALL]) == 0
     folds = _folds(out)
@@ -153,14 +159,7 @@ def test_selection_on_the_test_fold_is_the_one_exemption_and_the_table_says_so(s
 
 
 def test_top_expressed_panels_are_chosen_on_each_folds_training_sections(spy, tmp_path, monkeypatch):
-    chosen_on = []
-    real = stbench.run.top_expressed_genes
-
-    def recording(sections, n_top, *args, **kwargs):
-        chosen_on.append(sorted(s.name for s in sections))
-        return real(sections, n_top, *args, **kwargs)
-
-    monkeypatch.setattr(stbench.run, "top_expressed_genes", recording)
+    chosen_on = _record_panel_choices(monkeypatch, "top_expressed_genes")
     out = tmp_path / "top"
     assert main(["run", "--methods", "spy", "--out", str(out), "--quiet", "--set", "panel.top_expressed=15", *SMALL]) == 0
     folds = _folds(out)

@@ -80,9 +80,8 @@ def test_the_coarsest_level_that_resolves_the_target(pyramid, target, level):
     assert region.open_reader(dataclasses.replace(sec, mpp=None), 50.0).level == 0  # no scale: full resolution
 
 
-def test_only_regions_are_read_never_the_whole_slide(pyramid, tmp_path, monkeypatch):
-    path, _ = pyramid
-    sec = _section([[100, 100], [300, 200], [500, 370]], mpp=0.5, image_path=path)
+def _record_region_reads(monkeypatch) -> list:
+    """The size of every region the slide readers read, in order."""
     read = []
     real = region.SlideReader.__init__
 
@@ -92,6 +91,13 @@ def test_only_regions_are_read_never_the_whole_slide(pyramid, tmp_path, monkeypa
         slide.read_region = lambda loc, lev, size: read.append(size) or original(loc, lev, size)
 
     monkeypatch.setattr(region.SlideReader, "__init__", spy)
+    return read
+
+
+def test_only_regions_are_read_never_the_whole_slide(pyramid, tmp_path, monkeypatch):
+    path, _ = pyramid
+    sec = _section([[100, 100], [300, 200], [500, 370]], mpp=0.5, image_path=path)
+    read = _record_region_reads(monkeypatch)
     req = PatchRequest("spot", 20, 16)  # 40 px boxes at level 0, read at level 1 (1.25 µm/px asked)
     ps = PatchStore(tmp_path, "t").get(sec, [req])[req.name]
     assert ps.mask[:, 0].tolist() == [True, True, True]  # the last one is 68 % inside
@@ -194,15 +200,7 @@ def test_neighbour_grids_are_read_as_one_region_each(pyramid, tmp_path, monkeypa
     """The 25 sub-patches of a 5x5 grid share one read, and come out as if cut one by one."""
     path, levels = pyramid
     sec = _section([[150, 150], [330, 230], [420, 120]], mpp=0.5, image_path=path)
-    read = []
-    real = region.SlideReader.__init__
-
-    def spy(self, slide, *args):
-        real(self, slide, *args)
-        original = slide.read_region
-        slide.read_region = lambda loc, lev, size: read.append(size) or original(loc, lev, size)
-
-    monkeypatch.setattr(region.SlideReader, "__init__", spy)
+    read = _record_region_reads(monkeypatch)
     req = PatchRequest("neighbour", 10, 8)  # 20 px sub-patches, 100 px grids, read at level 1
     ps = PatchStore(tmp_path / "grouped", "t").get(sec, [req])[req.name]
     assert 1 <= len(read) <= 3 and ps.mask.all()  # one read per grid at most (close grids may share one)
