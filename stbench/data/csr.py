@@ -21,11 +21,13 @@ class CSRCounts:
 
     format = "csr"
 
-    def __init__(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]):
+    def __init__(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int],
+                 validate: bool = True):
+        """``validate=False``: the caller has checked the arrays already (:func:`csr_problem`)."""
         self.data, self.indices, self.indptr = np.asarray(data), np.asarray(indices), np.asarray(indptr)
         self.shape = (int(shape[0]), int(shape[1]))
         self._scipy = None
-        problem = csr_problem(self.indices, self.indptr, len(self.data), self.shape)
+        problem = csr_problem(self.indices, self.indptr, len(self.data), self.shape) if validate else ""
         if problem:
             raise ValueError(f"inconsistent CSR arrays: {problem}")
 
