@@ -19,12 +19,10 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
-import multiprocessing
 import os
 import socket
 import uuid
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,6 +85,10 @@ class LocalExecutor:
                     started(unit)
                 done(unit, run_unit(session, unit))
             return
+        # only --jobs needs process pools (10 ms of imports an everyday run skips)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
         job = WorkerJob.of(session, session.device)
         pool = ProcessPoolExecutor(max_workers=min(self.jobs, len(units)), mp_context=multiprocessing.get_context("spawn"))
         try:
